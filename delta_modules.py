@@ -1,0 +1,341 @@
+"""Delta modules (adapter, LoRA, prefix) for a frozen, stock Hugging Face T5.
+
+Nothing of transformers' T5 code is copied. Each delta is registered as a child module of the layer
+it changes, so the base model keeps its stock parameter names and "every parameter under a delta
+module" is the trainable set:
+
+- adapter: a forward hook on ``SelfAttention.o`` / ``EncDecAttention.o`` / ``DenseReluDense``
+  (houlsby) or on ``DenseReluDense`` only (pfeiffer) adds ``up(act(down(h)))`` to the sublayer
+  output h, before T5's dropout and residual.
+- LoRA: a forward hook on the ``q`` and ``v`` Linear of every attention (encoder self, decoder self,
+  decoder cross) adds ``scale * x A^T B^T``.
+- prefix: a registered attention function (``transformers.AttentionInterface``) prepends each
+  self-attention layer's prefix keys/values, with the position bias of P earlier tokens.
+
+Checkpoints hold only delta tensors (``safetensors``) plus a JSON sidecar with the delta config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pewe.atomic import atomic_write_bytes, atomic_write_text
+
+METHODS = ("adapter", "lora", "prefix")
+ADAPTER_TYPES = {"houlsby": nn.SiLU, "pfeiffer": nn.ReLU}
+PREFIX_ATTENTION = "pewe_prefix_eager"
+
+
+class DeltaError(ValueError):
+    """A delta config or checkpoint that does not fit the model or the request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaConfig:
+    method: str
+    adapter_type: str = "houlsby"
+    adapter_size: int = 12
+    lora_r: int = 10
+    lora_alpha: int = 16
+    prefix_num: int = 120
+    prefix_r: int = 24
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise DeltaError(f"unknown delta method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "adapter" and self.adapter_type not in ADAPTER_TYPES:
+            raise DeltaError(f"unknown adapter_type {self.adapter_type!r}; expected houlsby or pfeiffer")
+
+    def fields(self) -> dict:
+        """The fields that shape this method's tensors (what two deltas must share to be averaged)."""
+        keep = {"adapter": ("adapter_type", "adapter_size"), "lora": ("lora_r", "lora_alpha"),
+                "prefix": ("prefix_num", "prefix_r")}[self.method]
+        return {"method": self.method, **{k: getattr(self, k) for k in keep}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeltaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- modules
+
+class Adapter(nn.Module):
+    """Bottleneck ``act(h @ down) @ up``; both matrices normal(0, 0.02), no bias, as the original."""
+
+    def __init__(self, dim: int, size: int, adapter_type: str):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(dim, size))  # (d_model, size)
+        self.up = nn.Parameter(torch.empty(size, dim))  # (size, d_model)
+        self.act = ADAPTER_TYPES[adapter_type]()
+        nn.init.normal_(self.down, std=0.02)
+        nn.init.normal_(self.up, std=0.02)
+
+    def forward(self, h):
+        return self.act(h @ self.down.to(h.dtype)) @ self.up.to(h.dtype)
+
+
+class LoRA(nn.Module):
+    """``scale * x A^T B^T`` with A (r, in) kaiming-uniform(a=sqrt 5), B (out, r) zeros."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(r, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, r))
+        self.scale = alpha / r
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return (x @ self.A.to(x.dtype).t() @ self.B.to(x.dtype).t()) * self.scale
+
+
+class Prefix(nn.Module):
+    """One per T5 stack: P vectors -> Linear(d_model, r) -> tanh -> Linear(r, L*2*d_model), no biases.
+
+    The MLP output (P, L*2*d_model) is cut into per-layer keys/values with a plain ``view`` to
+    (L, 2, H, P, d_kv), without a permute, exactly as the original does (so each layer's prefix key j
+    mixes rows of the MLP output; it is a fixed reparametrisation, kept for faithfulness).
+    """
+
+    def __init__(self, d_model: int, num_layers: int, num_heads: int, d_kv: int, num: int, r: int):
+        super().__init__()
+        self.shape = (num_layers, 2, num_heads, num, d_kv)
+        self.embedding = nn.Parameter(torch.randn(num, d_model))  # (P, d_model), as nn.Embedding's init
+        self.down = nn.Linear(d_model, r, bias=False)
+        self.up = nn.Linear(r, num_layers * 2 * num_heads * d_kv, bias=False)
+        self._kv = None  # (L, 2, H, P, d_kv), computed once per stack forward
+
+    def compute(self):
+        return self.up(torch.tanh(self.down(self.embedding))).view(self.shape)
+
+    def layer_kv(self, layer_idx: int):
+        if self._kv is None:  # called outside a stack forward (e.g. a test on one layer)
+            return self.compute()[layer_idx]
+        return self._kv[layer_idx]
+
+
+DELTA_TYPES = (Adapter, LoRA, Prefix)
+
+
+# --------------------------------------------------------------------------- hooks
+
+def _adapter_hook(module, inputs, output):
+    return output + module.adapter(output)
+
+
+def _lora_hook(module, inputs, output):
+    return output + module.lora(inputs[0])
+
+
+def _prefix_stack_pre_hook(stack, args, kwargs):
+    stack.prefix._kv = stack.prefix.compute()
+
+
+def _prefix_stack_hook(stack, args, kwargs, output):
+    stack.prefix._kv = None  # do not keep the graph alive between forwards
+    return output
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     position_bias=None, **kwargs):
+    """T5's eager attention with this layer's prefix keys/values prepended (self-attention only).
+
+    query (B, H, q, d_kv); key/value (B, H, k, d_kv), k = cached + current tokens; the prefix is
+    added here, after the cache update, so the decoder cache never holds it. Prefix key j sits at
+    position j and real token t at P + t: real-real distances are unchanged, and the prefix columns
+    of the bias come from the stack's layer-0 ``compute_bias``.
+    """
+    from transformers.models.t5.modeling_t5 import eager_attention_forward
+
+    ref = getattr(module, "_pewe_prefix", None)
+    if ref is not None:
+        stack, layer_idx = ref[0](), ref[1]
+        pk, pv = stack.prefix.layer_kv(layer_idx).to(key.dtype)  # (H, P, d_kv) each
+        batch, num = key.shape[0], pk.shape[1]
+        key = torch.cat([pk.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([pv.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
+        q_len, k_len = query.shape[2], key.shape[2] - num
+        past = k_len - q_len  # tokens already in the decoder cache (0 in the encoder)
+        first = stack.block[0].layer[0].SelfAttention
+        cols = first.compute_bias(q_len, num, device=query.device, past_seen_tokens=past + num)
+        if position_bias is not None:
+            cols = cols.to(position_bias.dtype).expand(position_bias.shape[0], -1, -1, -1)
+            position_bias = torch.cat([cols, position_bias], dim=-1)
+        if attention_mask is not None:
+            pad = attention_mask.new_zeros(*attention_mask.shape[:-1], num)  # additive mask: 0 = attend
+            attention_mask = torch.cat([pad, attention_mask], dim=-1)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                   dropout=dropout, position_bias=position_bias, **kwargs)
+
+
+def _register_prefix_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+    # Without a mask function under the same name every padding and causal mask silently vanishes.
+    AttentionMaskInterface.register(PREFIX_ATTENTION, eager_mask)
+
+
+# --------------------------------------------------------------------------- attach
+
+def _stacks(model):
+    return [("encoder", model.encoder), ("decoder", model.decoder)]
+
+
+def attach_delta(model, config: DeltaConfig):
+    """Freeze ``model`` and attach the delta described by ``config``; returns the model."""
+    if getattr(model, "delta_config", None) is not None:
+        raise DeltaError(f"model already carries a {model.delta_config.method} delta")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    c = model.config
+    for _, stack in _stacks(model):
+        for block in stack.block:
+            for layer in block.layer:
+                attn = getattr(layer, "SelfAttention", None) or getattr(layer, "EncDecAttention", None)
+                if config.method == "adapter":
+                    if attn is not None and config.adapter_type == "houlsby":
+                        site = attn.o
+                    elif attn is None:
+                        site = layer.DenseReluDense
+                    else:
+                        continue
+                    site.adapter = Adapter(c.d_model, config.adapter_size, config.adapter_type)
+                    site.register_forward_hook(_adapter_hook)
+                elif config.method == "lora" and attn is not None:
+                    for lin in (attn.q, attn.v):
+                        lin.lora = LoRA(lin.in_features, lin.out_features, config.lora_r, config.lora_alpha)
+                        lin.register_forward_hook(_lora_hook)
+        if config.method == "prefix":
+            stack.prefix = Prefix(c.d_model, len(stack.block), c.num_heads, c.d_kv,
+                                  config.prefix_num, config.prefix_r)
+            stack.register_forward_pre_hook(_prefix_stack_pre_hook, with_kwargs=True)
+            stack.register_forward_hook(_prefix_stack_hook, with_kwargs=True)
+            for i, block in enumerate(stack.block):
+                # a weak reference, so the stack is not registered as a child of its own attention
+                block.layer[0].SelfAttention._pewe_prefix = (weakref.ref(stack), i)
+    if config.method == "prefix":
+        _register_prefix_attention()
+        model.set_attn_implementation(PREFIX_ATTENTION)
+    model.delta_config = config
+    dev = next(model.parameters()).device
+    model.to(dev)
+    for name, p in delta_named_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def delta_named_parameters(model):
+    """(name, parameter) of every parameter under a delta module, in module order."""
+    out = []
+    for mname, module in model.named_modules():
+        if isinstance(module, DELTA_TYPES):
+            out.extend((f"{mname}.{n}", p) for n, p in module.named_parameters())
+    return out
+
+
+def delta_state_dict(model) -> dict:
+    return {n: p.detach() for n, p in delta_named_parameters(model)}
+
+
+def count_delta_parameters(model) -> int:
+    return sum(p.numel() for _, p in delta_named_parameters(model))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _sidecar(path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_delta(path, state: dict, config: DeltaConfig, **meta):
+    """Write ``path`` (.safetensors, delta tensors only) and its ``.json`` config, each atomically."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DeltaError(f"{path}: a delta checkpoint must end in .safetensors")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write_text(_sidecar(path), json.dumps({"delta": dataclasses.asdict(config), **meta}, indent=1))
+    atomic_write_bytes(path, save(tensors))
+
+
+def read_delta(path):
+    """(tensors, DeltaConfig, meta) of a delta checkpoint; never unpickles anything."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"{path}: no such delta checkpoint")
+    side = _sidecar(path)
+    if not side.is_file():
+        raise DeltaError(f"{path}: its config {side.name} is missing")
+    try:
+        meta = json.loads(side.read_text())
+        config = DeltaConfig.from_dict(meta.pop("delta"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DeltaError(f"{side}: not a delta config ({e})") from None
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise DeltaError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, config, meta
+
+
+def check_compatible(expected: DeltaConfig, found: DeltaConfig, where):
+    if expected.fields() != found.fields():
+        raise DeltaError(f"{where}: delta config {found.fields()} does not match the model's {expected.fields()}")
+
+
+def load_delta_state(model, tensors: dict, where="delta"):
+    """Copy delta tensors into the model's delta parameters; every key and shape must match."""
+    own = dict(delta_named_parameters(model))
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise DeltaError(f"{where}: keys do not match the model's delta "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    for k, p in own.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise DeltaError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def load_delta(model, path):
+    """Load a delta checkpoint into a model that carries the same delta config; returns its meta."""
+    tensors, config, meta = read_delta(path)
+    if getattr(model, "delta_config", None) is None:
+        raise DeltaError(f"{path}: the model carries no delta to load into")
+    check_compatible(model.delta_config, config, path)
+    load_delta_state(model, tensors, where=str(path))
+    return meta
+
+
+def find_checkpoint(path, pattern="checkpoint-best*.safetensors"):
+    """A delta file: ``path`` itself, or the single file matching ``pattern`` inside the folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    hits = sorted(path.glob(pattern)) if path.is_dir() else []
+    if not hits:
+        raise DeltaError(f"{path}: no delta checkpoint matching {pattern}")
+    if len(hits) > 1:
+        raise DeltaError(f"{path}: several checkpoints match {pattern}: {[h.name for h in hits]}")
+    return hits[0]
+
+
+__all__ = ["DeltaConfig", "DeltaError", "Adapter", "LoRA", "Prefix", "attach_delta", "delta_named_parameters",
+           "delta_state_dict", "count_delta_parameters", "save_delta", "read_delta", "load_delta",
+           "load_delta_state", "check_compatible", "find_checkpoint", "prefix_attention", "METHODS"]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,1 @@
+"""pewe: the shared library behind the entry scripts (parameter-efficient weight ensembling)."""

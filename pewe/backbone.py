@@ -1,0 +1,48 @@
+"""Building a small T5 v1.1-style backbone and a T5-style tokenizer locally (no hub access).
+
+Used for the embedded default (``data/t5-mini``) and, much smaller, for the tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+
+
+def train_tokenizer(texts, vocab_size=4000, extra_ids=100):
+    """A unigram (SentencePiece-style) tokenizer with T5's special tokens and ``extra_ids`` sentinels."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import T5Tokenizer
+
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>",
+                           show_progress=False)
+    vocab = [(piece, float(score)) for piece, score in json.loads(sp.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=extra_ids)
+
+
+def small_config(tokenizer, d_model=256, d_ff=640, num_layers=3, num_heads=4, d_kv=64, dropout=0.1):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+                    num_decoder_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
+                    dropout_rate=dropout, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+
+
+def build_model(config, seed=0):
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
+def save_backbone(model, tokenizer, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

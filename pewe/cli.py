@@ -1,0 +1,64 @@
+"""What every entry script does around its work: logging, device, backbone, and clean failures.
+
+Known bad input (data, delta, missing file) ends with one ``error: ...`` line naming the file and a
+nonzero exit status instead of a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from delta_modules import DeltaError
+from pewe.data import DataError
+
+USER_ERRORS = (DataError, DeltaError, FileNotFoundError, NotADirectoryError)
+
+
+def setup_logging(output_dir, log_name, quiet=False):
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("pewe")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s - %(levelname)s - %(message)s", "%m/%d/%Y %H:%M:%S")
+    fh = logging.FileHandler(Path(output_dir) / log_name)
+    fh.setFormatter(fmt)
+    logger.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    sh.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(sh)
+    return logger
+
+
+def run_entry(a, log_name, fn, needs_model=True):
+    """Set up, load the backbone, call ``fn(a, model, tokenizer, device, precision)``; exit status."""
+    from pewe.model import load_backbone, pick_device, resolve_precision
+
+    if not a.output_dir:
+        print("error: --output_dir is required", file=sys.stderr)
+        return 2
+    logger = setup_logging(a.output_dir, log_name, getattr(a, "quiet", False))
+    logger.info("options: %s", vars(a))
+    warnings.filterwarnings("ignore", message=".*generation flags.*")
+    try:
+        device = pick_device(getattr(a, "device", "auto"))
+        precision = resolve_precision(getattr(a, "precision", "auto"), device)
+        logger.info("device %s, precision %s", device, precision)
+        if needs_model:
+            model, tokenizer = load_backbone(a.model, a.tokenizer_path, device)
+        else:
+            model = tokenizer = None
+        fn(a, model, tokenizer, device, precision)
+    except USER_ERRORS as e:
+        for h in logger.handlers:  # the log file gets it; the terminal gets one plain line
+            if isinstance(h, logging.FileHandler):
+                h.emit(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (e,), None))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

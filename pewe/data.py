@@ -1,0 +1,163 @@
+"""CrossFit task folders: reading TSV splits, the original's text format, tokenised batches.
+
+A task folder is ``{task}/{task}_{k}_{seed}_{split}.tsv`` (split = train/dev/test); each line is
+``input<TAB>answer[<TAB>answer...]``. The model sees ``" [task] " + input`` and learns
+``"<extra_id_0>" + answer``; training gets one row per gold answer, scoring uses every answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "dev", "test")
+
+# bAbI puts the question at the end of a long story: truncate those inputs from the left so the
+# question survives. Every other task keeps the original's right truncation.
+TRUNCATION_SIDE = {"babi-*": "left"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, for text files, the line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    input: str
+    answers: tuple
+    line: int  # 1-based line number in its file
+
+
+def read_tsv(path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise DataError(f"{path}:{lineno}: no tab between input and answer")
+            text, *answers = line.split("\t")
+            if not text.strip():
+                raise DataError(f"{path}:{lineno}: empty input")
+            answers = tuple(a.strip() for a in answers)
+            if not answers or any(not a for a in answers):
+                raise DataError(f"{path}:{lineno}: empty answer")
+            examples.append(Example(text.strip(), answers, lineno))
+    if not examples:
+        raise DataError(f"{path}: no examples (empty split)")
+    return examples
+
+
+def list_tasks(task_dir) -> list:
+    """Task folder names under ``task_dir`` (folders holding at least one ``.tsv``)."""
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise DataError(f"{task_dir}: no such task folder")
+    tasks = sorted(p.name for p in task_dir.iterdir() if p.is_dir() and any(p.glob("*.tsv")))
+    if not tasks:
+        raise DataError(f"{task_dir}: contains no task folders with .tsv files")
+    return tasks
+
+
+def split_prefixes(task_path) -> list:
+    """``{task}_{k}_{seed}`` prefixes found in a task folder, as the original's loop finds them."""
+    task_path = Path(task_path)
+    if not task_path.is_dir():
+        raise DataError(f"{task_path}: missing task folder")
+    prefixes = sorted({f.name.rsplit("_", 1)[0] for f in task_path.glob("*.tsv")})
+    if not prefixes:
+        raise DataError(f"{task_path}: no .tsv splits")
+    for prefix in prefixes:
+        for split in SPLITS:
+            if not (task_path / f"{prefix}_{split}.tsv").is_file():
+                raise DataError(f"{task_path}: {prefix}_{split}.tsv is missing")
+    return prefixes
+
+
+def split_path(task_dir, task, prefix, split) -> Path:
+    return Path(task_dir) / task / f"{prefix}_{split}.tsv"
+
+
+def truncation_side_for(task: str, option: str = "auto") -> str:
+    if option in ("left", "right"):
+        return option
+    if option != "auto":
+        raise DataError(f"truncation_side must be auto, left or right, not {option!r}")
+    for pattern, side in TRUNCATION_SIDE.items():
+        if fnmatch.fnmatch(task, pattern):
+            return side
+    return "right"
+
+
+def source_text(task: str, text: str) -> str:
+    return f" [{task}] {text}"
+
+
+def target_text(answer: str) -> str:
+    return f"<extra_id_0>{answer}"
+
+
+@dataclasses.dataclass
+class Rows:
+    """Tokenised rows of one split. ``example_of[i]`` maps row i back to its example."""
+    input_ids: list
+    label_ids: list
+    example_of: list
+    examples: list
+
+
+def tokenize(examples, tokenizer, task, max_input_length=512, max_output_length=64,
+             truncation_side="auto", one_row_per_answer=True) -> Rows:
+    """One row per (example, answer) when ``one_row_per_answer``; else one row per example (first
+    answer as the label, for generation and scoring)."""
+    pairs = [(i, a) for i, ex in enumerate(examples)
+             for a in (ex.answers if one_row_per_answer else ex.answers[:1])]
+    old_side = tokenizer.truncation_side
+    tokenizer.truncation_side = truncation_side_for(task, truncation_side)
+    try:
+        sources = tokenizer([source_text(task, examples[i].input) for i, _ in pairs],
+                            max_length=max_input_length, truncation=True)["input_ids"]
+    finally:
+        tokenizer.truncation_side = old_side
+    targets = tokenizer([target_text(a) for _, a in pairs], max_length=max_output_length,
+                        truncation=True)["input_ids"]
+    return Rows(sources, targets, [i for i, _ in pairs], list(examples))
+
+
+def _pad(seqs, value):
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(rows: Rows, index, pad_id: int) -> dict:
+    """A padded batch of the given row indices; label padding is -100 (ignored by the loss)."""
+    src = [rows.input_ids[i] for i in index]
+    tgt = [rows.label_ids[i] for i in index]
+    input_ids = _pad(src, pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, s in enumerate(src):
+        attention_mask[i, :len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": _pad(tgt, -100),
+            "index": list(index)}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """The shuffled row order of one training epoch: a pure function of (seed, epoch), so a resumed
+    run replays exactly the batches an uninterrupted run would have seen."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batches(rows: Rows, batch_size: int, pad_id: int, order=None):
+    order = list(range(len(rows.input_ids))) if order is None else order
+    for start in range(0, len(order), batch_size):
+        yield collate(rows, order[start:start + batch_size], pad_id)
