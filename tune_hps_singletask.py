@@ -48,7 +48,8 @@ step_budgets = []  # also record the dev score after these update counts (e.g. 0
 seed = 42  # seed of the delta initialisation, the data order and dropout
 device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
-quiet = False  # no progress bars
+quiet = False  # terminal shows warnings only (everything still goes to log.txt)
+progress = True  # progress bars on the terminal
 
 
 def main(argv=None):

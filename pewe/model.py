@@ -54,6 +54,7 @@ def load_backbone(model_path, tokenizer_path=None, device="cpu"):
         if str(p).startswith(("/", ".")) and not Path(p).exists():
             raise FileNotFoundError(f"{p}: no such model folder (build the embedded one with `make backbone`)")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))

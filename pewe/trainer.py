@@ -50,7 +50,7 @@ class TrainSettings:
     max_output_length: int = 64
     seed: int = 42
     precision: str = "fp32"
-    quiet: bool = False
+    progress: bool = True  # progress bars
 
 
 def make_optimizer(params, lr):
@@ -79,13 +79,13 @@ def _to(batch, device):
 
 @torch.no_grad()
 def predict(model, tokenizer, rows, batch_size, max_output_length, device, precision="fp32", desc=None,
-            quiet=True):
+            progress=False):
     """Greedy decoding of every row; returns one string per row (sentinels stripped)."""
     model.eval()
     out = []
     n = len(rows.input_ids)
     for batch in tqdm(batches(rows, batch_size, tokenizer.pad_token_id), total=math.ceil(n / batch_size),
-                      desc=desc or "predict", disable=quiet, leave=False):
+                      desc=desc or "predict", disable=not progress, leave=False):
         with autocast(device, precision):
             ids = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device),
@@ -102,7 +102,7 @@ def predict(model, tokenizer, rows, batch_size, max_output_length, device, preci
 def score_rows(model, tokenizer, rows, metric, settings, device, desc=None):
     """(score, predictions) of a split tokenised one row per example."""
     preds = predict(model, tokenizer, rows, settings.predict_batch_size, settings.max_output_length, device,
-                    settings.precision, desc=desc, quiet=settings.quiet)
+                    settings.precision, desc=desc, progress=settings.progress)
     return evaluate(preds, [ex.answers for ex in rows.examples], metric), preds
 
 
@@ -205,7 +205,7 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
     model.train()
     losses, t0 = [], time.time()
     bar = tqdm(total=settings.train_iters, initial=c["num_updates"], desc=meta.get("task", "train"),
-               disable=settings.quiet, dynamic_ncols=True)
+               disable=not settings.progress, dynamic_ncols=True)
     stop = False
     while not stop and c["num_updates"] < settings.train_iters:
         order = epoch_order(n_rows, settings.seed, c["epoch"])

@@ -75,7 +75,7 @@ def run_one(model, tokenizer, task, prefix, lr, bsz, a, device, precision, run_d
                              valid_interval=a.valid_interval, log_interval=a.log_interval,
                              early_stop=a.early_stop, predict_batch_size=a.predict_batch_size,
                              max_output_length=a.max_output_length, seed=a.seed, precision=precision,
-                             quiet=a.quiet)
+                             progress=a.progress)
     fresh_delta()  # the same seeded random init for every run
     result = {"task": task, "prefix": prefix, "learning_rate": lr, "batch_size": bsz, "metric": metric,
               "dev_score": None, "test_score": None}

@@ -24,14 +24,15 @@ seed = 0  # seed of the random initialisation
 def main(argv=None):
     from pewe.backbone import build_model, save_backbone, small_config, train_tokenizer
     from pewe.configurator import configure
-    from pewe.data import read_tsv
+    from pewe.data import read_tsv, source_text
 
     a = configure(globals(), __file__, argv)
     texts = []
     for d in a.text_dirs:
         for f in sorted(Path(d).glob("*/*_train.tsv")):
+            task = f.parent.name
             for ex in read_tsv(f):  # train splits only: dev and test never shape the backbone
-                texts.append(ex.input)
+                texts.append(source_text(task, ex.input))  # as the model sees it: " [task] input"
                 texts.extend(ex.answers)
     if not texts:
         print(f"error: no *_train.tsv under {a.text_dirs}", file=sys.stderr)

@@ -16,12 +16,12 @@ TINY_TASKS = ("babi-qa1", "babi-qa6", "csqa2")
 def tiny_backbone(tmp_path_factory):
     """Folder with a 2+2-layer, d_model 32 T5 and a 300-piece unigram tokenizer (+100 sentinels)."""
     from pewe.backbone import build_model, save_backbone, small_config, train_tokenizer
-    from pewe.data import read_tsv
+    from pewe.data import read_tsv, source_text
 
     texts = []
     for task in TINY_TASKS:
         for ex in read_tsv(REPO / "data" / "fewshot" / task / f"{task}_64_42_train.tsv"):
-            texts += [ex.input, *ex.answers]
+            texts += [source_text(task, ex.input), *ex.answers]
     tok = train_tokenizer(texts, vocab_size=300)
     cfg = small_config(tok, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
     return save_backbone(build_model(cfg, seed=0), tok, tmp_path_factory.mktemp("tiny-t5"))
