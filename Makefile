@@ -18,8 +18,8 @@ $(STAMP): requirements.txt
 
 backbone: $(BACKBONE)
 
-$(BACKBONE): $(STAMP) scripts/build_backbone.py pewe/backbone.py
-	$(BIN)/python scripts/build_backbone.py
+$(BACKBONE): | $(STAMP)
+	$(BIN)/python scripts/pretrain_backbone.py
 
 demo: $(BACKBONE)
 	$(BIN)/python tune_hps_singletask.py --do_train --do_predict --tune_method adapter --apply_adapter \

@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from pewe.atomic import atomic_write_bytes, atomic_write_text
+from pewe.errors import UserError
 
 METHODS = ("adapter", "lora", "prefix")
 ADAPTER_TYPES = {"houlsby": nn.SiLU, "pfeiffer": nn.ReLU}
 PREFIX_ATTENTION = "pewe_prefix_eager"
 
 
-class DeltaError(ValueError):
+class DeltaError(UserError):
     """A delta config or checkpoint that does not fit the model or the request."""
 
 
@@ -290,9 +291,9 @@ def read_delta(path):
     return tensors, config, meta
 
 
-def check_compatible(expected: DeltaConfig, found: DeltaConfig, where):
+def check_compatible(expected: DeltaConfig, found: DeltaConfig, where, against="the model's"):
     if expected.fields() != found.fields():
-        raise DeltaError(f"{where}: delta config {found.fields()} does not match the model's {expected.fields()}")
+        raise DeltaError(f"{where}: delta config {found.fields()} does not match {against} {expected.fields()}")
 
 
 def load_delta_state(model, tensors: dict, where="delta"):

@@ -10,10 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from delta_modules import DeltaError
-from pewe.data import DataError
+from pewe.errors import UserError
 
-USER_ERRORS = (DataError, DeltaError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
 
 
 def setup_logging(output_dir, log_name, quiet=False):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pewe.errors import UserError
+
 SPLITS = ("train", "dev", "test")
 
 # bAbI puts the question at the end of a long story: truncate those inputs from the left so the
@@ -19,7 +21,7 @@ SPLITS = ("train", "dev", "test")
 TRUNCATION_SIDE = {"babi-*": "left"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file and, for text files, the line."""
 
 

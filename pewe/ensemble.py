@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from delta_modules import METHODS, DeltaError, check_compatible, find_checkpoint, read_delta, save_delta
+from pewe.errors import UserError
 from pewe.atomic import atomic_write_bytes, atomic_write_text
 from pewe.data import DataError, list_tasks
 
@@ -51,7 +52,7 @@ OUTPUT_PATTERN = "without_{task}_checkpoint.safetensors"
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)  # DataError, DeltaError are ValueErrors
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UserError):
     """Weights that cannot be computed from the given scores, groups or options."""
 
 

@@ -1,0 +1,161 @@
+"""Pretraining the embedded backbone: T5 span corruption on bundled train text, mixed with a supervised
+multi-task stage on *upstream* tasks (which are then kept out of every transfer study, as T5's own
+pre-training mixture was kept apart from its downstream tasks). Dev and test splits are never seen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pewe.data import read_tsv, source_text, target_text, truncation_side_for
+
+log = logging.getLogger("pewe")
+
+
+def span_corrupt(ids, sentinel_ids, rng, noise_density=0.15, mean_span=3.0):
+    """T5 span corruption of one token sequence (no EOS): (input ids, target ids).
+
+    ``noise_density`` of the tokens, in spans of ``mean_span`` on average, are replaced in the input by
+    one sentinel each; the target lists each sentinel followed by the tokens it replaced.
+    """
+    n = len(ids)
+    n_noise = max(1, round(n * noise_density))
+    n_spans = max(1, min(round(n_noise / mean_span), n - n_noise, len(sentinel_ids)))
+    # random split of the noise tokens and of the kept tokens into n_spans non-empty segments each
+    def segments(total, parts):
+        cuts = sorted(rng.sample(range(1, total), parts - 1)) if parts > 1 else []
+        return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+    noise, keep = segments(n_noise, n_spans), segments(n - n_noise, n_spans)
+    inp, tgt, pos = [], [], 0
+    for i in range(n_spans):
+        inp += ids[pos:pos + keep[i]]
+        pos += keep[i]
+        inp.append(sentinel_ids[i])
+        tgt.append(sentinel_ids[i])
+        tgt += ids[pos:pos + noise[i]]
+        pos += noise[i]
+    tgt.append(sentinel_ids[n_spans])
+    return inp, tgt
+
+
+def load_texts(text_dirs, split="train", exclude=()):
+    """(task, input, answers) of every ``*_{split}.tsv`` under the task folders of ``text_dirs``."""
+    out = []
+    for d in text_dirs:
+        for f in sorted(Path(d).glob(f"*/*_{split}.tsv")):
+            task = f.parent.name
+            if task in exclude:
+                continue
+            out += [(task, ex.input, ex.answers) for ex in read_tsv(f)]
+    return out
+
+
+class Mixture:
+    """Batches of span-corruption and supervised examples, tokenised once."""
+
+    def __init__(self, tokenizer, corpus, supervised, max_input_length, max_target_length, seed):
+        self.tok = tokenizer
+        self.rng = random.Random(seed)
+        self.max_in, self.max_out = max_input_length, max_target_length
+        self.sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
+        self.eos = tokenizer.eos_token_id
+        self.corpus = [self._ids(task, text) for task, text, _ in corpus]
+        self.supervised = [(self._ids(task, text), tokenizer(target_text(a), add_special_tokens=True,
+                                                             max_length=max_target_length,
+                                                             truncation=True)["input_ids"])
+                           for task, text, answers in supervised for a in answers]
+
+    def _ids(self, task, text):
+        side = truncation_side_for(task)
+        ids = self.tok(source_text(task, text), add_special_tokens=False)["input_ids"]
+        limit = self.max_in - 1
+        return (ids[-limit:] if side == "left" else ids[:limit]) if len(ids) > limit else ids
+
+    def corrupted(self, ids):
+        if len(ids) < 4:
+            ids = ids + ids[:4]
+        inp, tgt = span_corrupt(ids, self.sentinels, self.rng)
+        return inp + [self.eos], (tgt + [self.eos])[: self.max_out]
+
+    def batch(self, size, supervised_fraction):
+        pairs = []
+        for _ in range(size):
+            if self.supervised and self.rng.random() < supervised_fraction:
+                src, tgt = self.rng.choice(self.supervised)
+                pairs.append((src + [self.eos], tgt))
+            else:
+                pairs.append(self.corrupted(self.rng.choice(self.corpus)))
+        return collate_pairs(pairs, self.tok.pad_token_id)
+
+
+def collate_pairs(pairs, pad_id):
+    width_in = max(len(s) for s, _ in pairs)
+    width_out = max(len(t) for _, t in pairs)
+    input_ids = torch.full((len(pairs), width_in), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full((len(pairs), width_out), -100, dtype=torch.long)
+    for i, (s, t) in enumerate(pairs):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, :len(t)] = torch.tensor(t)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def heldout_loss(model, batches, device, autocast):
+    """Mean token loss over fixed held-out span-corruption batches."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        with autocast:
+            out = model(**{k: v.to(device) for k, v in b.items()})
+        n = int((b["labels"] != -100).sum())
+        total += out.loss.item() * n
+        count += n
+    model.train(was)
+    return total / count
+
+
+def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_fraction, device, autocast,
+             log_every=100, progress=True):
+    """AdamW with linear warm-up and cosine decay to 10 %; returns the loss history."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    history, recent, t0 = [], [], time.time()
+    model.train()
+    bar = tqdm(range(steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        b = mixture.batch(batch_size, supervised_fraction)
+        with autocast:
+            loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        recent.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            held = heldout_loss(model, heldout, device, autocast)
+            row = {"step": step + 1, "train_loss": sum(recent) / len(recent), "heldout_loss": held,
+                   "lr": lr_at(step), "seconds": round(time.time() - t0, 1)}
+            history.append(row)
+            recent = []
+            bar.set_postfix(train=f"{row['train_loss']:.3f}", heldout=f"{held:.3f}")
+            log.info(json.dumps(row))
+    return history

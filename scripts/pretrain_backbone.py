@@ -1,0 +1,104 @@
+"""Build the embedded default backbone (data/t5-mini): a unigram tokenizer trained on the bundled
+train splits and a small T5 v1.1-style model pretrained with span corruption mixed with supervised
+upstream tasks. ``--steps 0`` gives the same architecture at random initialisation.
+
+    python scripts/pretrain_backbone.py                          # -> data/t5-mini
+    python scripts/pretrain_backbone.py --steps 0 --output_dir /tmp/t5-random
+"""
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pewe.model import REPO  # noqa: E402
+from task_list import UPSTREAM_TASKS  # noqa: E402
+
+output_dir = str(REPO / "data" / "t5-mini")  # the model + tokenizer folder written (replaced atomically)
+text_dirs = [str(REPO / "data" / "full")]  # task folders whose *_train.tsv files are the training text
+upstream_tasks = list(UPSTREAM_TASKS)  # tasks trained supervised here, kept out of transfer studies
+vocab_size = 4000  # unigram pieces (plus 100 <extra_id_N> sentinels)
+d_model = 256  # hidden size
+d_ff = 640  # feed-forward width (gated-gelu, as T5 v1.1)
+num_layers = 3  # encoder layers (and as many decoder layers)
+num_heads = 4  # attention heads
+d_kv = 64  # size of each head
+dropout = 0.1  # dropout of the saved model (used when deltas are tuned on it)
+pretrain_dropout = 0.0  # dropout while pretraining (0, as T5 v1.1 was pretrained)
+steps = 3000  # pretraining updates (0: random initialisation only)
+batch_size = 32  # sequences per update
+learning_rate = 6e-4  # peak AdamW learning rate (2e-3 diverged in calibration)
+warmup = 200  # linear warm-up updates, then cosine decay to 10 %
+supervised_fraction = 0.6  # share of each batch drawn from the upstream tasks' supervised rows
+max_input_length = 192  # input tokens kept in pretraining (bAbI truncated from the left)
+max_target_length = 64  # target tokens kept
+heldout_batches = 4  # fixed batches of span-corrupted dev inputs for the held-out loss
+log_every = 250  # updates between held-out evaluations
+seed = 0  # seed of the initialisation and the data order
+device = "auto"  # auto (cuda if available), cpu or cuda
+precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
+progress = True  # progress bar
+
+
+def main(argv=None):
+    import torch
+
+    from pewe.backbone import build_model, save_backbone, small_config, train_tokenizer
+    from pewe.cli import setup_logging
+    from pewe.configurator import configure
+    from pewe.data import source_text
+    from pewe.model import autocast, pick_device, resolve_precision
+    from pewe.pretrain import Mixture, heldout_loss, load_texts, pretrain
+
+    a = configure(globals(), __file__, argv)
+    out = Path(a.output_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    logger = setup_logging(tmp, "pretrain_log.txt", quiet=a.progress)
+    corpus = load_texts(a.text_dirs, "train")  # train splits only: dev and test never train the backbone
+    if not corpus:
+        print(f"error: no *_train.tsv under {a.text_dirs}", file=sys.stderr)
+        return 1
+    tok_texts = [source_text(t, x) for t, x, _ in corpus] + [ans for _, _, ans_ in corpus for ans in ans_]
+    tok = train_tokenizer(tok_texts, a.vocab_size)
+    model = build_model(small_config(tok, a.d_model, a.d_ff, a.num_layers, a.num_heads, a.d_kv,
+                                     dropout=a.pretrain_dropout), a.seed)
+    device = pick_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    model.to(device)
+    upstream = [row for row in corpus if row[0] in set(a.upstream_tasks)]
+    missing = sorted(set(a.upstream_tasks) - {row[0] for row in corpus})
+    if missing:
+        print(f"error: upstream task(s) without a train split under {a.text_dirs}: {missing}", file=sys.stderr)
+        return 1
+    torch.manual_seed(a.seed)
+    mix = Mixture(tok, corpus, upstream, a.max_input_length, a.max_target_length, a.seed)
+    held_mix = Mixture(tok, load_texts(a.text_dirs, "dev"), [], a.max_input_length, a.max_target_length, a.seed + 1)
+    heldout = [held_mix.batch(a.batch_size, 0.0) for _ in range(a.heldout_batches)]
+    ctx = autocast(device, precision)
+    report = {"config": vars(a), "parameters": model.num_parameters(), "device": str(device),
+              "precision": precision, "heldout_loss_random_init": heldout_loss(model, heldout, device, ctx)}
+    t0 = time.time()
+    report["history"] = pretrain(model, mix, heldout, a.steps, a.batch_size, a.learning_rate, a.warmup,
+                                 a.supervised_fraction, device, ctx, a.log_every, a.progress) if a.steps else []
+    report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
+    report["seconds"] = round(time.time() - t0, 1)
+    model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
+    save_backbone(model.cpu(), tok, tmp)
+    (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=1))
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the finished folder appears at once; an interrupted run leaves only .partial
+    print(f"{out}: {report['parameters']:,} parameters, vocabulary {len(tok)}; held-out span-corruption loss "
+          f"{report['heldout_loss_random_init']:.3f} at random init -> {report['heldout_loss']:.3f} "
+          f"after {a.steps} updates ({report['seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
