@@ -1,0 +1,577 @@
+"""Task similarity: how close each source delta is to a target task, scored on the target's dev data.
+
+One engine and a registry of small score functions. The backbone is loaded once with the delta of the
+source checkpoints attached; per source only the delta tensors are swapped. For every target (a task
+folder of ``task_dir``) every source (a task folder of ``source_checkpoint_path`` holding
+``checkpoint-best*.safetensors``) is scored on the target's dev split.
+
+Scores and what the original (telxt/Delta_search, ``t5_trainer.py``) computes, with our changes:
+
+- ``Loss``: mean token cross-entropy of the source delta on the target's dev labels. Original: the
+  model's loss on the first dev batch only (a token mean over that batch). Same; over several batches
+  (``num_batches``) it is the token mean over all of them.
+- ``KL``: sum over label tokens of KL(P_target || Q_source), P from the delta tuned on the target from
+  random init, Q from the source delta: the original's direction (``scipy.stats.entropy(pk=P, qk=Q)``)
+  and the natural one here: the target model is the reference distribution, and the score counts the
+  nats lost when the source stands in for it. The original deletes vocabulary entries where either
+  float32 softmax underflows to 0 and renormalises; we compute the exact KL from log-softmax, which
+  differs only where the original dropped underflowed entries. First dev batch by default.
+- ``EL2N``: sum over label tokens of ||softmax(logits) - one_hot(label)||_2; first dev batch. Same.
+- ``Cosine_of_Logits_and_Labels``: sum over label tokens of cos(softmax(logits), one_hot(label))
+  (= p_label / ||p||_2, eps 1e-6 as torch's CosineSimilarity). The original reads **every** dev batch
+  for this one score (its entry script's default here is ``num_batches = 0``). Higher = more similar;
+  the original's weighting negated it with every other score, which inverted it.
+- ``GraNd``: sum over the first ``grand_batches`` dev batches of the L2 norm of the gradient of the
+  batch loss w.r.t. the delta parameters, dropout on (the original calls ``train_step`` in train
+  mode). Both are options; with dropout on we seed the dropout per source so a run is repeatable.
+  Modes: ``dev`` (one score), ``block`` / ``layer`` (one score per T5 block / per sublayer site of a
+  block, from the same backward pass, grouping the delta parameters by module path; per batch the
+  squares of the group norms add up to the square of the whole). Prefix deltas are one module per
+  stack whose parameters feed every layer at once, so no parameter split by block exists: block and
+  layer modes are for adapter and LoRA and refuse prefix deltas.
+- ``block`` (``get_block.py``): per T5 block, sum over dev rows of the cosine between the row's hidden
+  states (valid tokens only, flattened) under the source delta and under the random-init-tuned target
+  delta; first dev batch. The original compares ``hidden_states[i]`` of transformers 4.10, the
+  *input* of block i (block 0 = the embeddings, identical for every delta, so a constant file, and the
+  last block's output never compared); we compare each block's output by default, and
+  ``hidden_site="input"`` reproduces the original.
+
+Labels: dev rows are tokenised one row per gold answer (``pewe.data.tokenize(one_row_per_answer=True)``),
+so every row's label is its own answer; the original paired input i with the i-th *flattened* answer,
+which misaligns every row after the first multi-answer example.
+
+Output (the original's layout, comma separated despite .tsv): ``result.tsv`` (or
+``{group}_result.tsv`` per block / site) holding, per target, a line with the target name and one
+``source,score`` line per source; next to them ``scores.json`` with the metric, its
+``higher_is_more_similar`` sign (for the weighting step), the options and the file list.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from delta_modules import (METHODS, DeltaError, attach_delta, delta_named_parameters, find_checkpoint, load_delta,
+                           read_delta)
+from pewe.atomic import atomic_write_text
+from pewe.data import DataError, batches, read_tsv, split_path, split_prefixes, tokenize
+from pewe.model import autocast
+
+log = logging.getLogger("pewe")
+GRAND_MODES = ("dev", "block", "layer")
+HIDDEN_SITES = ("output", "input")
+CKPT_PATTERN = "checkpoint-best*.safetensors"
+
+
+class SimilarityError(DeltaError):
+    """A similarity request that cannot be met (bad option, missing or mismatched checkpoint)."""
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    name: str
+    fn: Callable
+    higher_is_more_similar: bool
+    kind: str  # "logits": reduces one forward's label-token logits; "grad": gradient norms; "hidden": block states
+    reduction: str  # "sum" over label tokens (rows for hidden), or "mean" per label token
+    needs_reference: bool  # compares with the delta tuned on the target from random init
+
+
+SCORES: dict = {}
+
+
+def register(name, *, higher_is_more_similar, kind="logits", reduction="sum", needs_reference=False):
+    """Register a score function under ``name``; the sign travels with it to the weighting step."""
+    def deco(fn):
+        SCORES[name] = ScoreSpec(name, fn, higher_is_more_similar, kind, reduction, needs_reference)
+        return fn
+    return deco
+
+
+@dataclasses.dataclass
+class TokenOutputs:
+    """One dev batch seen by one delta, at its label tokens only (labels != -100, row-major)."""
+    logits: torch.Tensor  # (N, V) float32
+    labels: torch.Tensor  # (N,)
+    ref_logits: torch.Tensor | None = None  # (N, V) float32: the random-init-tuned target delta's
+
+
+@register("Loss", higher_is_more_similar=False, reduction="mean")
+def loss_score(t: TokenOutputs):
+    return F.cross_entropy(t.logits, t.labels, reduction="sum")
+
+
+@register("KL", higher_is_more_similar=False, needs_reference=True)
+def kl_score(t: TokenOutputs):
+    logp = t.ref_logits.log_softmax(-1)  # P: the target's own delta (reference)
+    logq = t.logits.log_softmax(-1)  # Q: the source delta
+    return (logp.exp() * (logp - logq)).sum()
+
+
+@register("EL2N", higher_is_more_similar=False)
+def el2n_score(t: TokenOutputs):
+    err = t.logits.softmax(-1)
+    err[torch.arange(len(err)), t.labels] -= 1.0  # softmax - one_hot
+    return err.norm(dim=-1).sum()
+
+
+@register("Cosine_of_Logits_and_Labels", higher_is_more_similar=True)
+def cosine_logits_labels_score(t: TokenOutputs):
+    p = t.logits.softmax(-1)
+    p_label = p.gather(1, t.labels[:, None]).squeeze(1)  # p . one_hot = p_label; ||one_hot|| = 1
+    return (p_label / p.norm(dim=-1).clamp_min(1e-6)).sum()
+
+
+@register("GraNd", higher_is_more_similar=False, kind="grad")
+def grand_score(batch_group_sq):
+    """``batch_group_sq``: per batch, {group: squared L2 norm of the gradient of that group's delta
+    parameters}. Per batch the norm of each group, summed over batches (as the original)."""
+    out = {}
+    for sq in batch_group_sq:
+        for group, value in sq.items():
+            out[group] = out.get(group, 0.0) + math.sqrt(value)
+    return out
+
+
+@register("block", higher_is_more_similar=True, kind="hidden", needs_reference=True)
+def block_cosine_score(h, ref, mask):
+    """h, ref (B, T, d) one block's hidden states under the source / reference delta; mask (B, T) the
+    valid tokens. Sum over rows of cos(row's valid tokens flattened), eps 1e-6 as torch's."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    h, ref = (h * m).flatten(1), (ref * m).flatten(1)  # padding set to 0 adds nothing to dots or norms
+    dot = (h * ref).sum(1)
+    return (dot / (h.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-6)).sum()
+
+
+def score_spec(name) -> ScoreSpec:
+    if name not in SCORES:
+        raise SimilarityError(f"unknown similarity score {name!r}; expected one of {', '.join(SCORES)}")
+    return SCORES[name]
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclasses.dataclass
+class ScoreOptions:
+    num_batches: int = 1  # dev batches read by the forward scores (0 = all); the original reads the first
+    batch_size: int = 50  # dev batch size (the original's similarity scripts: --predict_batch_size 50)
+    grand_mode: str = "dev"  # dev, block or layer
+    grand_batches: int = 10  # GraNd dev batches (0 = all); the original: 10 (dev), 5 (block / layer)
+    grand_dropout: bool = True  # dropout on while taking GraNd gradients (the original: train mode)
+    hidden_site: str = "output"  # block score: compare each block's output (or its input, as the original)
+    max_input_length: int = 512
+    max_output_length: int = 64
+    truncation_side: str = "auto"
+    precision: str = "fp32"
+    seed: int = 42
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.grand_mode not in GRAND_MODES:
+            raise SimilarityError(f"--mode must be one of {', '.join(GRAND_MODES)}, not {self.grand_mode!r}")
+        if self.hidden_site not in HIDDEN_SITES:
+            raise SimilarityError(f"--hidden_site must be output or input, not {self.hidden_site!r}")
+        for k in ("num_batches", "grand_batches"):
+            if getattr(self, k) < 0:
+                raise SimilarityError(f"--{k} must be >= 0 (0 = all dev batches)")
+        if self.batch_size < 1:
+            raise SimilarityError("--predict_batch_size must be >= 1")
+
+    @classmethod
+    def from_args(cls, a, precision, **overrides):
+        """The options of an entry script's namespace (absent names keep their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
+        values["batch_size"] = getattr(a, "predict_batch_size", cls.batch_size)
+        values["grand_mode"] = getattr(a, "mode", cls.grand_mode)
+        if getattr(a, "grand_batches", None) is None:  # the original's count for QA targets
+            values["grand_batches"] = 10 if values["grand_mode"] == "dev" else 5
+        values["precision"] = precision
+        values.update(overrides)
+        return cls(**values)
+
+
+def _first(items, n):
+    return list(items) if n == 0 else list(items)[:n]
+
+
+# --------------------------------------------------------------------------- grouping and hooks
+
+_SITE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.")
+_STACK_ORDER = {"encoder": 0, "decoder": 1}
+
+
+def grand_group(name: str, mode: str) -> str:
+    """The GraNd group of a delta parameter (module path inside the stock T5): ``""`` in dev mode,
+    ``encoder_block_3`` in block mode, ``decoder_block_3_layer_1`` (cross-attention) in layer mode.
+    T5 layer sites: encoder 0 self-attention, 1 FFN; decoder 0 self-attention, 1 cross-attention, 2 FFN."""
+    if mode == "dev":
+        return ""
+    m = _SITE.match(name)
+    if m is None:
+        raise SimilarityError(f"GraNd --mode {mode} groups delta parameters by T5 block, but {name} belongs to "
+                              "no block (a prefix delta is one module per stack feeding every layer); "
+                              "block and layer modes are for adapter and LoRA deltas: use --mode dev")
+    stack, block, layer = m.groups()
+    return f"{stack}_block_{block}" if mode == "block" else f"{stack}_block_{block}_layer_{layer}"
+
+
+def group_sort_key(group: str):
+    """encoder before decoder, blocks and layers in numeric order (``""`` first)."""
+    m = re.match(r"^(encoder|decoder)_block_(\d+)(?:_layer_(\d+))?$", group)
+    if m is None:
+        return (-1, 0, 0, group)
+    return (_STACK_ORDER[m.group(1)], int(m.group(2)), int(m.group(3) or 0), group)
+
+
+def result_file(group: str) -> str:
+    return "result.tsv" if group == "" else f"{group}_result.tsv"
+
+
+@contextlib.contextmanager
+def capture_blocks(model, site="output"):
+    """Collect every T5 block's hidden states during a forward: {"encoder_block_i": (B, T, d)}.
+    ``output``: what the block returns; ``input``: what it receives (the original's hidden_states[i])."""
+    store, handles = {}, []
+    for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        for i, block in enumerate(stack.block):
+            key = f"{stack_name}_block_{i}"
+            if site == "output":
+                hook = (lambda key: lambda mod, args, out: store.__setitem__(key, out[0]))(key)
+                handles.append(block.register_forward_hook(hook))
+            else:
+                hook = (lambda key: lambda mod, args, kwargs: store.__setitem__(
+                    key, args[0] if args else kwargs["hidden_states"]))(key)
+                handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- tasks and checkpoints
+
+def list_sources(source_path, names=()) -> dict:
+    """{task: checkpoint} for every task folder of ``source_path`` holding ``checkpoint-best*.safetensors``
+    (sorted by name); ``names`` restricts and orders them, and each must be there."""
+    if not source_path:
+        raise SimilarityError("--source_checkpoint_path is required (a folder of {task}/checkpoint-best*.safetensors)")
+    root = Path(source_path)
+    if not root.is_dir():
+        raise SimilarityError(f"{root}: no such source checkpoint folder")
+    found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob(CKPT_PATTERN))}
+    if names:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise SimilarityError(f"{root}: no {CKPT_PATTERN} for source task(s) {', '.join(missing)}")
+        found = {n: found[n] for n in names}
+    if not found:
+        raise SimilarityError(f"{root}: no task folder holds a {CKPT_PATTERN}")
+    return {task: find_checkpoint(folder, CKPT_PATTERN) for task, folder in found.items()}
+
+
+def reference_checkpoints(path, targets) -> dict:
+    """{target: checkpoint} of the deltas tuned on each target from random init (KL, block)."""
+    if not path:
+        raise SimilarityError("--random_tuned_ckpt_path is required for this score "
+                              "(a folder of {target}/checkpoint-best*.safetensors tuned from random init)")
+    return {t: find_checkpoint(Path(path) / t, CKPT_PATTERN) for t in targets}
+
+
+def check_delta_flags(config, a):
+    """The original's tuning flags, where given, must describe the checkpoints' delta (catches a
+    script pointed at another method's runs); the checkpoints' config is what is attached."""
+    method = getattr(a, "tune_method", None)
+    if method and method != config.method:
+        raise SimilarityError(f"--tune_method {method}, but the source checkpoints hold {config.method} deltas")
+    applied = [m for m in METHODS if getattr(a, f"apply_{m}", False)]
+    if applied and applied != [config.method]:
+        raise SimilarityError(f"--apply_{' --apply_'.join(applied)}, but the source checkpoints hold "
+                              f"{config.method} deltas")
+    for key, want in config.fields().items():
+        given = getattr(a, key, None)
+        if key != "method" and given is not None and given != want:
+            raise SimilarityError(f"--{key} {given}, but the source checkpoints have {key} {want}")
+
+
+def attach_from_sources(model, sources: dict, a=None):
+    """Attach the delta described by the first source checkpoint's config; returns that config."""
+    _, config, _ = read_delta(next(iter(sources.values())))
+    if a is not None:
+        check_delta_flags(config, a)
+    attach_delta(model, config)
+    return config
+
+
+def load_dev_rows(task_dir, task, tokenizer, options: ScoreOptions):
+    """The target's dev split, one row per gold answer (each row's label is its own answer)."""
+    prefixes = split_prefixes(Path(task_dir) / task)
+    if len(prefixes) > 1:
+        log.warning("%s: several splits %s; scoring on %s", task, prefixes, prefixes[0])
+    examples = read_tsv(split_path(task_dir, task, prefixes[0], "dev"))
+    return tokenize(examples, tokenizer, task, options.max_input_length, options.max_output_length,
+                    options.truncation_side, one_row_per_answer=True)
+
+
+# --------------------------------------------------------------------------- engine
+
+@dataclasses.dataclass
+class Reference:
+    """The random-init-tuned target delta's outputs on one dev batch."""
+    logits: torch.Tensor | None  # (N, V) float32 at the label tokens
+    hidden: dict  # {block: (B, T, d) float32}
+
+
+class SimilarityEngine:
+    """Scores source deltas on dev batches with the delta-carrying model it is given."""
+
+    def __init__(self, model, tokenizer, device, options: ScoreOptions):
+        self.model, self.tokenizer, self.device, self.options = model, tokenizer, device, options
+        self.params = delta_named_parameters(model)
+        if not self.params:
+            raise SimilarityError("the model carries no delta to score")
+
+    def dev_batches(self, task_dir, task) -> list:
+        rows = load_dev_rows(task_dir, task, self.tokenizer, self.options)
+        return list(batches(rows, self.options.batch_size, self.tokenizer.pad_token_id))
+
+    def _inputs(self, batch):
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+
+    @staticmethod
+    def _masks(inputs) -> dict:
+        # encoder: real input tokens; decoder: positions with a label (decoder inputs = shifted labels)
+        return {"encoder": inputs["attention_mask"].bool(), "decoder": inputs["labels"] != -100}
+
+    @torch.no_grad()
+    def forward(self, batch, capture_hidden=False):
+        """One eval forward: (label-token logits (N, V) float32, labels (N,), {block: (B, T, d)}, masks)."""
+        self.model.eval()
+        inputs = self._inputs(batch)
+        hooks = capture_blocks(self.model, self.options.hidden_site) if capture_hidden else contextlib.nullcontext({})
+        with hooks as hidden, autocast(self.device, self.options.precision):
+            out = self.model(**inputs, use_cache=False)
+        mask = inputs["labels"] != -100
+        hidden = {k: v.float() for k, v in hidden.items()}
+        return out.logits.float()[mask], inputs["labels"][mask], hidden, self._masks(inputs)
+
+    def reference(self, checkpoint, batch_list, need_logits, need_hidden) -> list:
+        """The reference delta's outputs on each batch (computed once per target)."""
+        load_delta(self.model, checkpoint)
+        refs = []
+        for batch in batch_list:
+            logits, _, hidden, _ = self.forward(batch, capture_hidden=need_hidden)
+            refs.append(Reference(logits if need_logits else None, hidden))
+        return refs
+
+    def forward_scores(self, batch_list, names, refs=None) -> dict:
+        """Every "logits" and "hidden" score in ``names`` from ONE forward per batch of the loaded delta:
+        {name: {group: value}}."""
+        specs = [score_spec(n) for n in names]
+        if any(s.needs_reference for s in specs) and refs is None:
+            raise SimilarityError(f"{', '.join(s.name for s in specs if s.needs_reference)} need the reference outputs")
+        capture = any(s.kind == "hidden" for s in specs)
+        totals = {s.name: {} for s in specs}
+        n_tokens = 0
+        for i, batch in enumerate(batch_list):
+            logits, labels, hidden, masks = self.forward(batch, capture_hidden=capture)
+            n_tokens += len(labels)
+            ref = refs[i] if refs is not None else None
+            tokens = TokenOutputs(logits, labels, ref.logits if ref is not None else None)
+            for s in specs:
+                if s.kind == "logits":
+                    _add(totals[s.name], "", float(s.fn(tokens)))
+                elif s.kind == "hidden":
+                    for block, h in hidden.items():
+                        mask = masks[block.split("_", 1)[0]]
+                        _add(totals[s.name], block, float(s.fn(h, ref.hidden[block], mask)))
+                else:
+                    raise SimilarityError(f"{s.name} is a {s.kind} score, not a forward score")
+        for s in specs:
+            if s.reduction == "mean":
+                totals[s.name] = {g: v / max(n_tokens, 1) for g, v in totals[s.name].items()}
+        return totals
+
+    def group_sq_norms(self, batch, mode) -> dict:
+        """Backward of one batch's loss; {group: squared L2 norm of the group's delta gradient}."""
+        for _, p in self.params:
+            p.grad = None
+        with autocast(self.device, self.options.precision):
+            loss = self.model(**self._inputs(batch), use_cache=False).loss  # token mean over the batch
+        loss.backward()
+        zero = torch.zeros((), device=self.device)
+        sq = torch.stack([p.grad.double().pow(2).sum() if p.grad is not None else zero.double()
+                          for _, p in self.params]).tolist()  # one device sync for all parameters
+        out = {}
+        for (name, _), v in zip(self.params, sq):
+            _add(out, grand_group(name, mode), v)
+        for _, p in self.params:
+            p.grad = None
+        return out
+
+    def grand_scores(self, batch_list, mode, spec_name="GraNd") -> dict:
+        """{group: GraNd} of the loaded delta over ``batch_list``."""
+        self.model.train(self.options.grand_dropout)
+        torch.manual_seed(self.options.seed)  # the same dropout masks for every source: repeatable
+        try:
+            per_batch = [self.group_sq_norms(b, mode) for b in batch_list]
+        finally:
+            self.model.eval()
+        return score_spec(spec_name).fn(per_batch)
+
+    def score_source(self, checkpoint, metrics, fwd_batches, grad_batches, refs=None) -> dict:
+        """Load a source delta and compute every requested score: {metric: {group: value}}."""
+        load_delta(self.model, checkpoint)
+        specs = [score_spec(m) for m in metrics]
+        forward = [s.name for s in specs if s.kind != "grad"]
+        out = self.forward_scores(fwd_batches, forward, refs) if forward else {}
+        for s in specs:
+            if s.kind == "grad":
+                out[s.name] = self.grand_scores(grad_batches, self.options.grand_mode, s.name)
+        return out
+
+    def score_tasks(self, targets, task_dir, sources: dict, metrics, references=None, on_target=None) -> dict:
+        """Score every source on every target: {metric: {group: {target: {source: value}}}}.
+        ``references``: {target: checkpoint} for scores that need one; ``on_target(results)`` is called
+        after each target (to write files as the run goes)."""
+        specs = [score_spec(m) for m in metrics]
+        needs_ref = [s for s in specs if s.needs_reference]
+        if needs_ref and references is None:
+            raise SimilarityError(f"{', '.join(s.name for s in needs_ref)} need --random_tuned_ckpt_path")
+        if any(s.kind == "grad" for s in specs) and self.options.grand_mode != "dev":
+            for name, _ in self.params:  # refuse an impossible grouping before any work
+                grand_group(name, self.options.grand_mode)
+        results = {s.name: {} for s in specs}
+        bar = tqdm(total=len(targets) * len(sources), desc="similarity", disable=self.options.quiet,
+                   dynamic_ncols=True)
+        for target in targets:
+            all_batches = self.dev_batches(task_dir, target)
+            fwd = _first(all_batches, self.options.num_batches)
+            grad = _first(all_batches, self.options.grand_batches)
+            refs = None
+            if needs_ref:
+                refs = self.reference(references[target], fwd, any(s.kind == "logits" for s in needs_ref),
+                                      any(s.kind == "hidden" for s in needs_ref))
+            for source, ckpt in sources.items():
+                bar.set_postfix_str(f"{target} <- {source}")
+                for name, groups in self.score_source(ckpt, metrics, fwd, grad, refs).items():
+                    for group, value in groups.items():
+                        results[name].setdefault(group, {}).setdefault(target, {})[source] = value
+                bar.update(1)
+            log.info("%s: scored %d sources (%s)", target, len(sources), ", ".join(metrics))
+            if on_target is not None:
+                on_target(results)
+        bar.close()
+        return results
+
+
+def _add(d, key, value):
+    d[key] = d.get(key, 0.0) + value
+
+
+# --------------------------------------------------------------------------- files
+
+def format_result(table: dict) -> str:
+    """{target: {source: score}} in the original's layout: a target line, then ``source,score`` lines."""
+    lines = []
+    for target, row in table.items():
+        lines.append(target)
+        lines.extend(f"{source},{float(score)!r}" for source, score in row.items())
+    return "\n".join(lines) + "\n"
+
+
+def read_result(path) -> dict:
+    """Parse a similarity ``result.tsv`` by task name: {target: {source: score}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such similarity file")
+    table, target = {}, None
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if "," not in line:
+            target = line
+            table.setdefault(target, {})
+            continue
+        if target is None:
+            raise DataError(f"{path}:{lineno}: a source,score line before any target line")
+        source, _, score = line.rpartition(",")
+        try:
+            table[target][source] = float(score)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: {score!r} is not a number") from None
+    return table
+
+
+def write_results(out_dir, metric, groups: dict, options: ScoreOptions, extra=None) -> list:
+    """Write one result file per group and ``scores.json``; returns the result file paths."""
+    out_dir = Path(out_dir)
+    spec = score_spec(metric)
+    paths = []
+    for group in sorted(groups, key=group_sort_key):
+        path = out_dir / result_file(group)
+        atomic_write_text(path, format_result(groups[group]))
+        paths.append(path)
+    meta = {"metric": metric, "higher_is_more_similar": spec.higher_is_more_similar,
+            "reduction": spec.reduction, "files": [p.name for p in paths],
+            "options": dataclasses.asdict(options), **(extra or {})}
+    atomic_write_text(out_dir / "scores.json", json.dumps(meta, indent=1))
+    return paths
+
+
+# --------------------------------------------------------------------------- entry glue
+
+def run_similarity(a, model, tokenizer, device, precision, metrics, **option_overrides) -> dict:
+    """What every ``get_similarity/get_*.py`` runs: score and write. One metric writes into
+    ``a.output_dir``; several write into ``a.output_dir/{metric}`` from the same forward passes.
+    Returns {metric: output folder}."""
+    from pewe.trainer import set_seed
+    from pewe.tuning import select_tasks
+
+    specs = [score_spec(m) for m in metrics]
+    options = ScoreOptions.from_args(a, precision, **option_overrides)
+    set_seed(options.seed)
+    sources = list_sources(a.source_checkpoint_path, getattr(a, "source_tasks", ()))
+    targets = select_tasks(a.task_dir, getattr(a, "tasks", ()))
+    config = attach_from_sources(model, sources, a)
+    references = None
+    if any(s.needs_reference for s in specs):
+        references = reference_checkpoints(getattr(a, "random_tuned_ckpt_path", None), targets)
+    engine = SimilarityEngine(model, tokenizer, device, options)
+    out = Path(a.output_dir)
+    out_dirs = {m: out if len(metrics) == 1 else out / m for m in metrics}
+    extra = {"delta": config.fields(), "model": str(a.model), "task_dir": str(a.task_dir),
+             "source_checkpoint_path": str(a.source_checkpoint_path), "sources": list(sources)}
+    if references is not None:
+        extra["random_tuned_ckpt_path"] = str(a.random_tuned_ckpt_path)
+    log.info("%s delta; %d targets x %d sources; scores %s", config.method, len(targets), len(sources),
+             ", ".join(metrics))
+
+    def write(results):
+        for m, groups in results.items():
+            write_results(out_dirs[m], m, groups, options, extra)
+
+    engine.score_tasks(targets, a.task_dir, sources, metrics, references, on_target=write)
+    for m, d in out_dirs.items():
+        print(f"{m}: {d / 'scores.json'}")
+    return out_dirs
+
+
+__all__ = ["SCORES", "ScoreSpec", "ScoreOptions", "SimilarityEngine", "SimilarityError", "TokenOutputs",
+           "Reference", "register", "score_spec", "grand_group", "group_sort_key", "result_file",
+           "capture_blocks", "list_sources", "reference_checkpoints", "check_delta_flags",
+           "attach_from_sources", "load_dev_rows", "format_result", "read_result", "write_results",
+           "run_similarity", "GRAND_MODES"]

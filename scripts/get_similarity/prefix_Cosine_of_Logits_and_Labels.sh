@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Cosine_of_Logits_and_Labels similarity, prefix deltas: sum of cos(softmax, one_hot) over all dev label tokens (higher = closer).
+# As the original's adapter_Cosine_of_Logits_and_Labels.sh. Run it from its folder (cd scripts/get_similarity;
+# bash prefix_Cosine_of_Logits_and_Labels.sh) or from anywhere. Paths are relative to the repo root; each variable
+# can be overridden from the environment; extra arguments go to the Python script.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+METHOD=prefix
+METRIC=Cosine_of_Logits_and_Labels
+MODEL=${MODEL:-data/t5-mini}                       # backbone + tokenizer (the original: t5.1.1.lm100k.base)
+TASK_DIR=${TASK_DIR:-data/fewshot}                 # targets, each scored on its dev split
+SOURCES=${SOURCES:-runs/${METHOD}/sources}         # {task}/checkpoint-best.safetensors tuned on data/full
+OUTPUT_DIR=${OUTPUT_DIR:-runs/${METHOD}/similarity/${METRIC}}
+PYTHON=${PYTHON:-python}
+
+"$PYTHON" get_similarity/get_Cosine_of_Logits_and_Labels.py \
+    --tune_method "$METHOD" --apply_prefix \
+    --predict_batch_size 50 \
+    --quiet \
+    --model "$MODEL" --tokenizer_path "$MODEL" \
+    --task_dir "$TASK_DIR" \
+    --source_checkpoint_path "$SOURCES" \
+    --output_dir "$OUTPUT_DIR" \
+    "$@"
