@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import sys
@@ -29,22 +30,21 @@ import torch
 
 from delta_modules import METHODS, DeltaError, check_compatible, find_checkpoint, read_delta, save_delta
 from pewe.errors import UserError
+from pewe.similarity import SCORES
 from pewe.atomic import atomic_write_bytes, atomic_write_text
 from pewe.data import DataError, list_tasks
 
 # +1: a higher score means a closer source; -1: a lower score does (losses, distances).
-METRIC_SIGN = {
-    "Loss": -1,  # mean loss of the source delta on the target's dev data
-    "KL": -1,  # KL divergence to the target-tuned delta's outputs
-    "EL2N": -1,  # error L2 norm: smaller = the source already fits the target
-    # Gradient norm: small = the source needs little change on the target. The original negated
-    # every score, so GraNd got -1 too; kept as the original's choice (lower = closer).
-    "GraNd": -1,
-    "Cosine_of_Logits_and_Labels": +1,  # the original's blanket negation inverted this one (fixed here)
+# Each data-based score (pewe.similarity) declares its own direction; the weight-based scores of the
+# unit_model scripts are here. The original negated every score, which inverted the cosine of logits
+# and labels; GraNd keeps the original's "lower = closer".
+WEIGHT_SCORE_SIGN = {
     "Cosine": +1,  # cosine of the weights to a target-tuned delta
     "Euclidean": -1,  # distance moved by the source delta when tuned on the target
     "Performance": +1,  # dev gain of the source delta after a short tuning on the target
 }
+METRIC_SIGN = {**{name: (1 if spec.higher_is_more_similar else -1) for name, spec in SCORES.items()},
+               **WEIGHT_SCORE_SIGN}
 _ALIASES = {"kl_divergence": "KL", "cosine_of_logits_and_labels": "Cosine_of_Logits_and_Labels",
             "cos": "Cosine", "perf": "Performance"}
 
@@ -66,6 +66,20 @@ def metric_sign(metric: str) -> int:
     if name is None:
         raise EnsembleError(f"unknown metric {metric!r}; expected one of {', '.join(METRIC_SIGN)}")
     return METRIC_SIGN[name]
+
+
+def file_sign(sim_path, metric: str) -> int:
+    """The sign for a similarity file: its ``scores.json`` (written beside it by pewe.similarity) when
+    there is one, checked against ``metric``; else the sign of ``metric``."""
+    sign = metric_sign(metric)
+    meta = Path(sim_path).parent / "scores.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        found = 1 if info["higher_is_more_similar"] else -1
+        if found != sign:
+            raise EnsembleError(f"{meta}: the scores are {info['metric']} (higher is "
+                                f"{'more' if found > 0 else 'less'} similar), but metric = {metric}")
+    return sign
 
 
 def _is_number(text) -> bool:

@@ -387,3 +387,17 @@ def test_scripts_defaults_are_repo_relative_and_errors_are_one_line(study, tmp_p
     assert others.main([f"--origin_data_path={root / 'data'}", f"--source_ckpt_path={root / 'sources'}",
                         f"--sim_path={root / 'result.tsv'}", f"--save_ckpt_path={out}", "--tem=0"]) == 1
     assert "temperature" in capsys.readouterr().err and not out.exists()
+
+
+def test_file_sign_follows_scores_json(tmp_path):
+    import json as _json
+    sim = tmp_path / "result.tsv"
+    sim.write_text("a\nb,1.0\n")
+    assert E.file_sign(sim, "Cosine_of_Logits_and_Labels") == 1  # no scores.json: the metric's own sign
+    (tmp_path / "scores.json").write_text(_json.dumps({"metric": "Loss", "higher_is_more_similar": False}))
+    assert E.file_sign(sim, "Loss") == -1
+    with pytest.raises(E.EnsembleError, match="scores are Loss .*but metric = Cosine_of_Logits_and_Labels"):
+        E.file_sign(sim, "Cosine_of_Logits_and_Labels")
+    # the data-based signs come from the similarity registry, one source of truth
+    from pewe.similarity import SCORES
+    assert all(E.METRIC_SIGN[n] == (1 if s.higher_is_more_similar else -1) for n, s in SCORES.items())

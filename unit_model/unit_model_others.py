@@ -49,7 +49,7 @@ def _run(a):
     plans = []
     for sim, sub in files:
         scores = E.read_similarity(sim)
-        weights = E.loo_weights(scores, tasks, sign, a.tem, targets=tasks, where=str(sim))
+        weights = E.loo_weights(scores, tasks, E.file_sign(sim, a.metric), a.tem, targets=tasks, where=str(sim))
         plans.append((sim, save_dir / sub if sub else save_dir, scores, weights))
     for sim, out, scores, weights in plans:
         E.write_ensemble(out, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
