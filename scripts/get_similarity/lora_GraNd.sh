@@ -13,7 +13,7 @@ TASK_DIR=${TASK_DIR:-data/fewshot}                 # targets, each scored on its
 SOURCES=${SOURCES:-runs/${METHOD}/sources}         # {task}/checkpoint-best.safetensors tuned on data/full
 MODE=${MODE:-dev}                                   # dev (one score), block or layer (per block / sublayer site)
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${METHOD}/similarity/${METRIC}$([ "$MODE" = dev ] || echo "_$MODE")}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 "$PYTHON" get_similarity/get_GraNd.py \
     --tune_method "$METHOD" --apply_lora \

@@ -13,7 +13,7 @@ TASK_DIR=${TASK_DIR:-data/fewshot}                 # targets, each scored on its
 SOURCES=${SOURCES:-runs/${METHOD}/sources}         # {task}/checkpoint-best.safetensors tuned on data/full
 RANDOM_TUNED=${RANDOM_TUNED:-runs/${METHOD}/random}  # {task}/checkpoint-best.safetensors tuned on data/fewshot
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${METHOD}/similarity/${METRIC}}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 "$PYTHON" get_similarity/get_block.py \
     --tune_method "$METHOD" --apply_lora \

@@ -12,7 +12,7 @@ MODEL=${MODEL:-data/t5-mini}                       # backbone + tokenizer (the o
 TASK_DIR=${TASK_DIR:-data/fewshot}                 # targets, each scored on its dev split
 SOURCES=${SOURCES:-runs/${METHOD}/sources}         # {task}/checkpoint-best.safetensors tuned on data/full
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${METHOD}/similarity/${METRIC}}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 "$PYTHON" get_similarity/get_EL2N.py \
     --tune_method "$METHOD" --apply_prefix \
