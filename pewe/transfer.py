@@ -1,0 +1,250 @@
+"""Every source delta on every target: a short tuning (``tune_all_ckpt.py``) or a zero-shot dev
+score (``dev_all_ckpt.py``), what the Euclidean and Performance methods score.
+
+The backbone is loaded once and the delta attached once; each (target, source) pair only swaps the
+delta's tensors. Targets are the task folders of ``task_dir`` (``--tasks`` / ``--shard`` as in
+tune_hps_singletask.py); sources are ``{source folder}/{task}/checkpoint-best*.safetensors``; the
+target's own source is skipped by default (the weighting leaves it out anyway).
+
+Layout of tune_all's ``output_dir``:
+  {target}/{source}/checkpoint-best.safetensors  best delta by dev during the short tuning (+ .json), as the original
+  {target}/{source}/checkpoint-last.safetensors  the delta after the last update (+ .json; the original's save_last)
+  {target}/{source}/resume.safetensors           the training loop's state, while the pair runs (a killed
+                                                 pair resumes); removed once it is done unless keep_resume
+  {target}/{source}/result.json                  dev score (best, last), steps, test score: the pair is done
+  result.tsv                                     similarity layout: per target, ``source,best dev score``
+Layout of dev_all's ``output_dir``:
+  {target}/result.json   {source: zero-shot dev score}, rewritten after every pair (a rerun skips scored pairs)
+  result.tsv, result.json  every target's scores (similarity layout / {target: {source: score}})
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from delta_modules import (DeltaError, attach_delta, check_compatible, find_checkpoint, load_delta, load_delta_state,
+                           read_delta, save_delta)
+from pewe.atomic import atomic_write_text
+from pewe.data import split_prefixes
+from pewe.delta_scores import format_similarity
+from pewe.metrics import metric_for
+from pewe.trainer import TrainSettings, score_rows, set_seed, train
+from pewe.tuning import delta_config_from_args, load_split, select_tasks
+
+log = logging.getLogger("pewe")
+SOURCE_PATTERN = "checkpoint-best*.safetensors"
+
+
+# --------------------------------------------------------------------------- sources, targets, pairs
+
+def list_sources(source_dir, names=()) -> dict:
+    """``{task: delta path}``: the named tasks, or every subfolder of ``source_dir`` holding a
+    ``checkpoint-best*.safetensors`` (a tune_hps_singletask.py output_dir)."""
+    source_dir = Path(source_dir)
+    if not source_dir.is_dir():
+        raise DeltaError(f"{source_dir}: no such folder of source deltas ({{task}}/{SOURCE_PATTERN})")
+    if names:
+        return {str(n): find_checkpoint(source_dir / str(n), SOURCE_PATTERN) for n in names}
+    found = {d.name: find_checkpoint(d, SOURCE_PATTERN) for d in sorted(source_dir.iterdir())
+             if d.is_dir() and any(d.glob(SOURCE_PATTERN))}
+    if not found:
+        raise DeltaError(f"{source_dir}: no source deltas ({{task}}/{SOURCE_PATTERN}); train them with "
+                         f"tune_hps_singletask.py --output_dir {source_dir}")
+    return found
+
+
+def check_sources_fit(config, sources: dict):
+    """Every source delta must have the model's delta config: fail before any pair runs."""
+    for path in sources.values():
+        _, found, _ = read_delta(path)
+        check_compatible(config, found, path)
+
+
+def pairs_of(targets, sources, skip_self=True) -> list:
+    """(target, source) pairs, targets outer (each target's data is loaded once)."""
+    return [(t, s) for t in targets for s in sources if not (skip_self and s == t)]
+
+
+def single(values, name):
+    """The one value of a list option (the original's ``--learning_rate_list 5e-4``)."""
+    values = list(values)
+    if len(values) != 1:
+        raise DeltaError(f"--{name}: give exactly one value here (got {values}); every pair is tuned with one setting")
+    return values[0]
+
+
+def target_prefix(task_dir, task) -> str:
+    """The first ``{task}_{k}_{seed}`` split of a target folder (the original wrote every split's run
+    into the same folder; one split per target keeps the pairs well defined)."""
+    prefixes = split_prefixes(Path(task_dir) / task)
+    if len(prefixes) > 1:
+        log.warning("%s: several splits %s; using %s", task, prefixes, prefixes[0])
+    return prefixes[0]
+
+
+@dataclasses.dataclass
+class TargetData:
+    """One target's tokenised splits (train: a row per answer; dev/test: a row per example)."""
+    name: str
+    prefix: str
+    metric: str
+    train: object = None
+    dev: object = None
+    test: object = None
+
+
+def load_target(a, tokenizer, task, splits) -> TargetData:
+    data = TargetData(task, target_prefix(a.task_dir, task), metric_for(task))
+    for split in splits:
+        rows = load_split(a.task_dir, task, data.prefix, split, tokenizer, a, split == "train")
+        setattr(data, split, rows)
+    return data
+
+
+def eval_settings(a, precision) -> TrainSettings:
+    return TrainSettings(predict_batch_size=a.predict_batch_size, max_output_length=a.max_output_length,
+                         seed=a.seed, precision=precision, progress=False)
+
+
+def pair_bar(pairs, a, desc):
+    return tqdm(pairs, desc=desc, unit="pair", disable=not a.progress, dynamic_ncols=True)
+
+
+def _prepare(a, model, source_dir):
+    """(targets, sources, config): the options checked, the delta attached, the sources fit it."""
+    if not source_dir:
+        raise DeltaError("no folder of source deltas given ({task}/checkpoint-best*.safetensors)")
+    config = delta_config_from_args(a)
+    targets = select_tasks(a.task_dir, a.tasks, a.shard)
+    sources = list_sources(source_dir, a.source_tasks)
+    check_sources_fit(config, sources)
+    set_seed(a.seed)
+    attach_delta(model, config)
+    return targets, sources, config
+
+
+# --------------------------------------------------------------------------- tune all
+
+def last_delta(resume_path) -> dict:
+    """The delta after the final update: the ``delta.*`` tensors of the loop's resume.safetensors."""
+    from safetensors.torch import load_file
+
+    return {k[len("delta."):]: v for k, v in load_file(str(resume_path)).items() if k.startswith("delta.")}
+
+
+def last_dev_score(summary, model, tokenizer, data, settings, device):
+    """The dev score of the last delta (loaded in the model): the last validation's if it was at the
+    final update, else a fresh one."""
+    history = summary.get("history") or []
+    if history and history[-1][0] == summary["num_updates"]:
+        return history[-1][1]
+    if not history and summary["best_step"] == summary["num_updates"]:
+        return summary["best"]  # no validation ran: the loop scored the last delta as its best
+    score, _ = score_rows(model, tokenizer, data.dev, data.metric, settings, device, desc="dev")
+    return score
+
+
+def tune_pair(model, tokenizer, data: TargetData, source, source_ckpt, a, settings, device, pair_dir) -> dict:
+    """Tune ``source``'s delta on the target's train split; keep best and last; returns result.json."""
+    meta = {"task": data.name, "source": source, "prefix": data.prefix, "init": str(source_ckpt),
+            "base_model": str(a.model), "seed": a.seed, "learning_rate": settings.learning_rate,
+            "batch_size": settings.batch_size}
+    summary = train(model, tokenizer, data.train, data.dev, data.metric, settings, pair_dir, device,
+                    init_checkpoint=source_ckpt, meta=meta)
+    last = last_delta(pair_dir / "resume.safetensors")  # right even when train() found the pair already done
+    load_delta_state(model, last, where=str(pair_dir / "resume.safetensors"))
+    last_score = last_dev_score(summary, model, tokenizer, data, settings, device)
+    save_delta(pair_dir / "checkpoint-last.safetensors", last, model.delta_config,
+               **{**meta, "dev_score": last_score, "step": summary["num_updates"]})
+    result = {"target": data.name, "source": source, "metric": data.metric, "init": str(source_ckpt),
+              "dev_score": summary["best"], "best_step": summary["best_step"], "last_dev_score": last_score,
+              "updates": summary["num_updates"], "history": summary["history"], "test_score": None}
+    if a.do_predict:  # the original also scored test with each pair's best delta
+        load_delta(model, pair_dir / "checkpoint-best.safetensors")
+        result["test_score"], _ = score_rows(model, tokenizer, data.test, data.metric, settings, device, desc="test")
+    atomic_write_text(pair_dir / "result.json", json.dumps(result, indent=1))
+    if not a.keep_resume:  # the pair is done (result.json): its optimizer state is dead weight on disk
+        (pair_dir / "resume.safetensors").unlink(missing_ok=True)
+    return result
+
+
+def collect_pair_results(output_dir, key="dev_score") -> dict:
+    """``{target: {source: result[key]}}`` of every finished pair under ``output_dir``."""
+    out = {}
+    for done in sorted(Path(output_dir).glob("*/*/result.json")):
+        r = json.loads(done.read_text())
+        out.setdefault(r["target"], {})[r["source"]] = r[key]
+    return out
+
+
+def tune_all(a, model, tokenizer, device, precision) -> Path:
+    """Tune every source delta on every target for ``train_iters`` updates; returns result.tsv."""
+    lr, bsz = single(a.learning_rate_list, "learning_rate_list"), single(a.bsz_list, "bsz_list")
+    targets, sources, config = _prepare(a, model, a.train_checkpoint)
+    settings = dataclasses.replace(eval_settings(a, precision), learning_rate=lr, batch_size=bsz,
+                                   train_iters=a.train_iters, valid_interval=a.valid_interval,
+                                   log_interval=a.log_interval, early_stop=a.early_stop)
+    out = Path(a.output_dir)
+    pairs = pairs_of(targets, sources, a.skip_self)
+    log.info("%s delta: %d targets x %d sources = %d pairs, %d updates each", config.method, len(targets),
+             len(sources), len(pairs), a.train_iters)
+    data = None
+    bar = pair_bar(pairs, a, "tune all")
+    for target, source in bar:
+        bar.set_postfix_str(f"{source} -> {target}")
+        pair_dir = out / target / source
+        if (pair_dir / "result.json").exists():
+            log.info("%s <- %s: already done (%s), skipping", target, source, pair_dir / "result.json")
+            continue
+        if data is None or data.name != target:  # one target's rows in memory at a time
+            data = load_target(a, tokenizer, target, ("train", "dev", "test") if a.do_predict else ("train", "dev"))
+        r = tune_pair(model, tokenizer, data, source, sources[source], a, settings, device, pair_dir)
+        log.info("%s <- %s: dev %.4f best at %d, %.4f after %d updates (%s)", target, source, r["dev_score"],
+                 r["best_step"], r["last_dev_score"], r["updates"], data.metric)
+    bar.close()
+    result = out / "result.tsv"
+    atomic_write_text(result, format_similarity(collect_pair_results(out)))
+    return result
+
+
+# --------------------------------------------------------------------------- dev all
+
+def read_target_scores(path) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def dev_all(a, model, tokenizer, device, precision) -> Path:
+    """Zero-shot dev score of every source delta on every target; returns result.tsv."""
+    targets, sources, config = _prepare(a, model, a.test_checkpoint)
+    settings = eval_settings(a, precision)
+    out = Path(a.output_dir)
+    pairs = pairs_of(targets, sources, a.skip_self)
+    log.info("%s delta: zero-shot dev scores of %d sources on %d targets (%d pairs)", config.method,
+             len(sources), len(targets), len(pairs))
+    current = data = scores = None
+    bar = pair_bar(pairs, a, "dev all")
+    for target, source in bar:
+        bar.set_postfix_str(f"{source} -> {target}")
+        store = out / target / "result.json"  # per target, so shards of targets never share a file
+        if target != current:
+            current, scores, data = target, read_target_scores(store), None
+        if source in scores:
+            log.info("%s <- %s: already scored (%s), skipping", target, source, store)
+            continue
+        if data is None:
+            data = load_target(a, tokenizer, target, ("dev",))
+        load_delta(model, sources[source])
+        scores[source], _ = score_rows(model, tokenizer, data.dev, data.metric, settings, device,
+                                       desc=f"{source} on {target}")
+        atomic_write_text(store, json.dumps(scores, indent=1))
+        log.info("%s <- %s: zero-shot dev %.4f (%s)", target, source, scores[source], data.metric)
+    bar.close()
+    table = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
+    atomic_write_text(out / "result.json", json.dumps(table, indent=1))
+    result = out / "result.tsv"
+    atomic_write_text(result, format_similarity(table))
+    return result

@@ -1,0 +1,67 @@
+"""Initial deltas for every target from the Euclidean distance a source delta moves when tuned on the
+target (the original's unit_model_Euclidean.py): score(source, target) = sum over tensors of
+||source - tuned||_2, tuned = the source delta after tune_all_ckpt.py's short tuning on the target;
+weights softmax(-score / tem) over the sources other than the target; the source deltas are averaged.
+
+    bash scripts/adapter_tuneall.sh              # -> runs/adapter/tune_all/{target}/{source}/
+    python unit_model/unit_model_Euclidean.py
+    python tune_hps_singletask.py --do_train --do_predict --train_checkpoint runs/adapter/init/Euclidean \
+        --output_dir runs/adapter/from_Euclidean
+
+Writes the score matrix (result.tsv, the similarity layout) next to the averaged deltas. Every
+tunable below can be overridden as --name=value; `--help` lists them. In the path defaults {delta}
+stands for that tunable.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: run from anywhere
+from pewe.model import REPO  # noqa: E402
+
+_RUNS = REPO / "runs" / "{delta}"  # where the scripts of this repo put their outputs ({delta} = the tunable below)
+_METRIC = "Euclidean"  # pewe.ensemble.METRIC_SIGN: lower = closer
+
+delta = "adapter"  # adapter, lora or prefix: the kind of every delta
+tem = 0.1  # softmax temperature (the paper: 0.1)
+origin_data_path = str(REPO / "data" / "fewshot")  # folder of task folders: their names are the targets
+source_ckpt_path = str(_RUNS / "sources")  # {task}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
+tuned_ckpt_path = str(_RUNS / "tune_all")  # {target}/{source}/checkpoint-{best,last}.safetensors (tune_all_ckpt.py)
+tuned_checkpoint = "best"  # the tuned delta: best (by dev during the short tuning; the original) or last
+save_ckpt_path = str(_RUNS / "init" / "Euclidean")  # output folder: result.tsv, without_{task}_checkpoint.safetensors, heat map
+task_list = []  # sources and targets (default: the task folders that have a source checkpoint)
+
+
+def main(argv=None):
+    from pewe.configurator import configure
+    from pewe.ensemble import run_cli
+
+    a = configure(globals(), __file__, argv)
+    return run_cli(_run, a)
+
+
+def _run(a):
+    from pewe import delta_scores as S
+    from pewe import ensemble as E
+
+    E.check_delta_name(a.delta)
+    S.check_temperature(a.tem)
+    fields = {"delta": a.delta}
+    source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
+    tuned_dir = E.fill_path(a.tuned_ckpt_path, **fields)
+    tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
+    checkpoints = E.source_checkpoints(source_dir, tasks)
+    scores = S.euclidean_scores(checkpoints, tuned_dir, tasks, a.tuned_checkpoint, expect_method=a.delta)
+    sim = S.write_similarity(save_dir / "result.tsv", scores)
+    weights = E.loo_weights(scores, tasks, E.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
+    E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
+                     temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()),
+                     tuned=f"{tuned_dir.resolve()}/{{target}}/{{source}}/checkpoint-{a.tuned_checkpoint}.safetensors")
+    print(f"{sim}: {len(weights)} targets x {len(tasks) - 1} sources, softmax(-distance/{a.tem:g})")
+    for target, w in weights.items():
+        print(E.summary_line(target, w))
+    print(f"wrote {save_dir}/without_{{task}}_checkpoint.safetensors, final_weight.txt, weights.csv, hot_pic_all.png")
+    print(f"tune from them: python tune_hps_singletask.py --do_train --train_checkpoint {save_dir} ...")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
