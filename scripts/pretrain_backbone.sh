@@ -1,0 +1,24 @@
+# Rebuild the embedded default backbone (data/t5-mini) from scratch: tokenizer + pretrained T5.
+#   cd scripts; bash pretrain_backbone.sh          (about an hour on 2 CPU cores; minutes on a GPU)
+# Every variable can be set from the environment; extra arguments go to pretrain_backbone.py
+# (`python scripts/pretrain_backbone.py --help` lists all its parameters).
+cd "$(dirname "$0")/.."
+
+OUTPUT_DIR=${OUTPUT_DIR:-data/t5-mini}  # model + tokenizer folder (replaced when the run finishes)
+TEXT_DIR=${TEXT_DIR:-data/full}  # task folders whose train splits are the pretraining text
+STEPS=${STEPS:-2000}  # pretraining updates
+BATCH_SIZE=${BATCH_SIZE:-16}  # sequences per update
+LEARNING_RATE=${LEARNING_RATE:-6e-4}  # peak AdamW learning rate
+MAX_INPUT_LENGTH=${MAX_INPUT_LENGTH:-128}  # input tokens kept while pretraining
+DEVICE=${DEVICE:-auto}  # auto, cpu or cuda
+
+python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+$python scripts/pretrain_backbone.py \
+--output_dir "${OUTPUT_DIR}" \
+--text_dirs "${TEXT_DIR}" \
+--steps ${STEPS} \
+--batch_size ${BATCH_SIZE} \
+--learning_rate ${LEARNING_RATE} \
+--max_input_length ${MAX_INPUT_LENGTH} \
+--device ${DEVICE} \
+"$@"
