@@ -177,9 +177,15 @@ def format_similarity(scores: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_similarity(path, scores: dict) -> Path:
+def write_similarity(path, scores: dict, metric=None, **extra) -> Path:
+    """Write ``scores`` to ``path``; with ``metric``, also ``scores.json`` beside it (the metric and
+    its direction, as pewe.similarity writes them), so unit_model_others.py can reuse the file."""
+    path = Path(path)
     atomic_write_text(path, format_similarity(scores))
-    return Path(path)
+    if metric is not None:
+        meta = {"metric": metric, "higher_is_more_similar": E.metric_sign(metric) > 0, "files": [path.name], **extra}
+        atomic_write_text(path.parent / "scores.json", json.dumps(meta, indent=1))
+    return path
 
 
 def check_temperature(tem):

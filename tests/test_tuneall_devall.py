@@ -218,9 +218,12 @@ def test_dev_all_writes_zero_shot_scores_in_the_similarity_layout(study):
     assert json.loads((out / "csqa2" / "result.json").read_text()) == table["csqa2"]
 
 
-def check_outputs(save, model, scores):
+def check_outputs(save, model, scores, metric):
     """Every target's averaged delta loads into a real model, result.tsv holds the scores."""
     assert E.read_similarity(save / "result.tsv") == scores
+    meta = json.loads((save / "scores.json").read_text())  # unit_model_others.py can reuse result.tsv
+    assert meta["metric"] == metric and meta["higher_is_more_similar"] == (metric != "Euclidean")
+    assert E.file_sign(save / "result.tsv", metric) == E.metric_sign(metric)
     for t in TASKS:
         ckpt = train_checkpoint_for(save, t)
         assert ckpt == save / f"without_{t}_checkpoint.safetensors"
@@ -243,7 +246,7 @@ def test_unit_models_cos_euclidean_performance(study, tmp_path):
     got = E.read_similarity(save / "result.tsv")
     for t in TASKS:
         assert got[t][t] == pytest.approx(1.0) and all(got[t][s] == pytest.approx(cos[t][s], abs=1e-9) for s in TASKS)
-    check_outputs(save, model, got)
+    check_outputs(save, model, got, "Cosine")
 
     # Euclidean: distance from each source to its best tuned version; the sources are averaged
     save = tmp_path / "Euclidean"
@@ -261,7 +264,7 @@ def test_unit_models_cos_euclidean_performance(study, tmp_path):
         for k in avg:
             expect = sum(wi * src[s][k].double().numpy() for wi, s in zip(w, others))
             np.testing.assert_allclose(avg[k].numpy(), expect, rtol=1e-5, atol=1e-6)
-    check_outputs(save, model, got)
+    check_outputs(save, model, got, "Euclidean")
 
     # Performance: tuned best dev minus zero-shot dev; as the original, the tuned deltas are averaged
     save = tmp_path / "Performance"
@@ -281,7 +284,7 @@ def test_unit_models_cos_euclidean_performance(study, tmp_path):
         for k in avg:
             expect = sum(wi * tuned[t, s][k].double().numpy() for wi, s in zip(w, others))
             np.testing.assert_allclose(avg[k].numpy(), expect, rtol=1e-5, atol=1e-6)
-    check_outputs(save, model, got)
+    check_outputs(save, model, got, "Performance")
 
 
 def test_defaults_are_repo_relative():

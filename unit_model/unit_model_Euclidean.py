@@ -8,9 +8,9 @@ weights softmax(-score / tem) over the sources other than the target; the source
     python tune_hps_singletask.py --do_train --do_predict --train_checkpoint runs/adapter/init/Euclidean \
         --output_dir runs/adapter/from_Euclidean
 
-Writes the score matrix (result.tsv, the similarity layout) next to the averaged deltas. Every
-tunable below can be overridden as --name=value; `--help` lists them. In the path defaults {delta}
-stands for that tunable.
+Writes the score matrix (result.tsv, the similarity layout, and scores.json) next to the averaged
+deltas; unit_model_others.py can reuse it. Every tunable below can be overridden as --name=value;
+`--help` lists them. In the path defaults {delta} stands for that tunable.
 """
 import os
 import sys
@@ -51,7 +51,8 @@ def _run(a):
     tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
     checkpoints = E.source_checkpoints(source_dir, tasks)
     scores = S.euclidean_scores(checkpoints, tuned_dir, tasks, a.tuned_checkpoint, expect_method=a.delta)
-    sim = S.write_similarity(save_dir / "result.tsv", scores)
+    sim = S.write_similarity(save_dir / "result.tsv", scores, _METRIC, sources=str(source_dir), tuned=str(tuned_dir),
+                             tuned_checkpoint=a.tuned_checkpoint)
     weights = E.loo_weights(scores, tasks, E.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
     E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
                      temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()),

@@ -10,9 +10,9 @@ source deltas instead, as every other method does.
     python tune_hps_singletask.py --do_train --do_predict --train_checkpoint runs/adapter/init/Performance \
         --output_dir runs/adapter/from_Performance
 
-Writes the score matrix (result.tsv, the similarity layout) next to the averaged deltas. Every
-tunable below can be overridden as --name=value; `--help` lists them. In the path defaults {delta}
-stands for that tunable.
+Writes the score matrix (result.tsv, the similarity layout, and scores.json) next to the averaged
+deltas; unit_model_others.py can reuse it. Every tunable below can be overridden as --name=value;
+`--help` lists them. In the path defaults {delta} stands for that tunable.
 """
 import os
 import sys
@@ -58,7 +58,8 @@ def _run(a):
     checkpoints = E.source_checkpoints(source_dir, tasks)
     tuned = S.read_tuned_scores(tuned_dir, tasks, tasks, a.tuned_checkpoint)
     scores = S.performance_scores(tuned, E.read_similarity(zero_path), tasks, tasks, where=str(zero_path))
-    sim = S.write_similarity(save_dir / "result.tsv", scores)
+    sim = S.write_similarity(save_dir / "result.tsv", scores, _METRIC, tuned=str(tuned_dir), zero_shot=str(zero_path),
+                             tuned_checkpoint=a.tuned_checkpoint)
     weights = E.loo_weights(scores, tasks, E.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
     meta = dict(scores=scores, temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()), averaged=a.average)
     if a.average == "tuned":

@@ -7,9 +7,10 @@ the target from random init), weights softmax(+score / tem) over the sources oth
     python tune_hps_singletask.py --do_train --do_predict --train_checkpoint runs/adapter/init/Cosine \
         --output_dir runs/adapter/from_Cosine
 
-Writes the score matrix (result.tsv, the similarity layout, every source of a target including itself)
-next to the averaged deltas. Every tunable below can be overridden as --name=value; `--help` lists
-them. In the path defaults {delta} stands for that tunable.
+Writes the score matrix (result.tsv, the similarity layout, every source of a target including itself;
+and scores.json) next to the averaged deltas; unit_model_others.py can reuse it. Every tunable below
+can be overridden as --name=value; `--help` lists them. In the path defaults {delta} stands for that
+tunable.
 """
 import os
 import sys
@@ -50,7 +51,7 @@ def _run(a):
     checkpoints = E.source_checkpoints(source_dir, tasks)
     tuned = E.source_checkpoints(random_dir, tasks)  # {target: its delta tuned from random init}
     scores = S.cosine_scores(tuned, checkpoints, expect_method=a.delta)
-    sim = S.write_similarity(save_dir / "result.tsv", scores)
+    sim = S.write_similarity(save_dir / "result.tsv", scores, _METRIC, sources=str(source_dir), tuned=str(random_dir))
     weights = E.loo_weights(scores, tasks, E.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
     E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
                      temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()))
