@@ -8,6 +8,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one thread is faster than two (thread overhead dominates), and the
+# command-line runs the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_TASKS = ("babi-qa1", "babi-qa6", "csqa2")
 
