@@ -1,0 +1,119 @@
+"""Measure what docs/BACKBONE.md reports about a backbone:
+
+1. held-out span-corruption loss of the backbone vs the same architecture at random init
+   (from the backbone's pretrain_report.json);
+2. per bundled task, the test score of a source adapter tuned on the full split vs the majority answer;
+3. 64-shot adapter tuning of a few targets from random init vs from a related source's delta, dev score
+   at several step budgets, over several seeds.
+
+    python scripts/backbone_report.py                     # -> runs/backbone_report/report.md
+Every step reuses finished runs (tune_hps_singletask.py skips them), so an interrupted report resumes.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pewe.model import DEFAULT_MODEL, REPO  # noqa: E402
+from task_list import STUDY_TASKS, UPSTREAM_TASKS  # noqa: E402
+
+model = str(DEFAULT_MODEL)  # the backbone folder to measure
+output_dir = str(REPO / "runs" / "backbone_report")  # runs and report.md
+source_tasks = list(STUDY_TASKS)  # tasks whose source adapter is measured against the majority answer
+source_iters = 600  # updates of each source adapter on its full split
+source_valid_interval = 200  # validation interval of the source runs
+pairs = ["babi-qa2:babi-qa1", "babi-qa3:babi-qa2", "babi-qa9:babi-qa6"]  # target:related-source pairs
+seeds = [42, 43, 44]  # seeds of the 64-shot runs
+budgets = [0, 25, 50, 100, 200]  # update counts at which the 64-shot dev score is recorded
+learning_rate = 5e-4  # the original's learning rate, for every run
+extra = []  # more flags for every tune_hps_singletask.py call (e.g. --device cuda)
+
+
+def tune(args, a):
+    cmd = [sys.executable, str(REPO / "tune_hps_singletask.py"), "--do_train", "--do_predict",
+           "--model", a.model, "--tokenizer_path", a.model, "--tune_method", "adapter", "--apply_adapter",
+           "--learning_rate_list", str(a.learning_rate), "--quiet", *map(str, args), *a.extra]
+    subprocess.run(cmd, check=True)
+
+
+def runs(out, task):
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / task / "runs").glob("*/result.json"))]
+
+
+def majority_score(task):
+    from pewe.data import read_tsv
+    from pewe.metrics import evaluate, majority_answer, metric_for
+
+    test = read_tsv(REPO / "data" / "full" / task / f"{task}_full_test.tsv")
+    answers = [ex.answers for ex in test]
+    guess = majority_answer(answers)
+    return evaluate([guess] * len(answers), answers, metric_for(task)), guess
+
+
+def main(argv=None):
+    from pewe.configurator import configure
+
+    a = configure(globals(), __file__, argv)
+    out = Path(a.output_dir)
+    lines = [f"Backbone: `{a.model}`", ""]
+
+    rep = Path(a.model) / "pretrain_report.json"
+    if rep.is_file():
+        r = json.loads(rep.read_text())
+        lines += ["## Held-out span-corruption loss", "",
+                  "| model | loss |", "|---|---|",
+                  f"| same architecture, random init | {r['heldout_loss_random_init']:.3f} |",
+                  f"| backbone after {r['config']['steps']} updates | {r['heldout_loss']:.3f} |", ""]
+
+    src = out / "sources"
+    tune(["--task_dir", REPO / "data" / "full", "--output_dir", src, "--tasks", *a.source_tasks,
+          "--train_iters", a.source_iters, "--valid_interval", a.source_valid_interval,
+          "--log_interval", a.source_valid_interval, "--early_stop", 0], a)
+    lines += ["## Source adapters (full split) vs the majority answer", "",
+              f"Adapter (houlsby, 12), lr {a.learning_rate}, batch 8, {a.source_iters} updates, best of "
+              f"validations every {a.source_valid_interval}; test split.", "",
+              "| task | metric | source adapter | majority answer | majority guess | upstream? |",
+              "|---|---|---|---|---|---|"]
+    beat = 0
+    for task in a.source_tasks:
+        r = runs(src, task)[0]
+        maj, guess = majority_score(task)
+        beat += r["test_score"] > maj
+        lines.append(f"| {task} | {r['metric']} | {100 * r['test_score']:.1f} | {100 * maj:.1f} | {guess} | "
+                     f"{'yes' if task in UPSTREAM_TASKS else ''} |")
+    lines += ["", f"The source adapter beats the majority answer on {beat} of {len(a.source_tasks)} tasks.", ""]
+
+    lines += ["## 64-shot targets: random init vs a related source's delta", "",
+              f"Dev score (64 examples) after each number of updates, mean ± std over seeds {a.seeds}.", "",
+              "| target | init | " + " | ".join(str(b) for b in a.budgets) + " |",
+              "|---|---|" + "---|" * len(a.budgets)]
+    for pair in a.pairs:
+        target, source = pair.split(":")
+        for init in ("random", source):
+            scores = {b: [] for b in a.budgets}
+            for seed in a.seeds:
+                run_out = out / "transfer" / f"{target}_from_{init}_seed{seed}"
+                args = ["--task_dir", REPO / "data" / "fewshot", "--output_dir", run_out, "--tasks", target,
+                        "--train_iters", max(a.budgets), "--valid_interval", max(a.budgets),
+                        "--log_interval", max(a.budgets), "--early_stop", 0, "--seed", seed,
+                        "--step_budgets", *a.budgets]
+                if init != "random":
+                    args += ["--train_checkpoint", src / source / "checkpoint-best.safetensors"]
+                tune(args, a)
+                got = runs(run_out, target)[0]["budget_scores"]
+                for b in a.budgets:
+                    scores[b].append(got[str(b)])
+            cells = [f"{100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f}" for v in scores.values()]
+            lines.append(f"| {target} | {init} | " + " | ".join(cells) + " |")
+    report = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
