@@ -8,7 +8,9 @@ What ``unit_model/unit_model_*.py`` run. For a target task t and source deltas s
 - ``average_weights`` / ``group_weights``: the baselines, a plain average of all other sources or of the
   other members of a hand-made group;
 - ``weighted_average``: sum_s w_s * delta_s, parameter by parameter (for LoRA A and B separately),
-  reading one source at a time.
+  reading one source at a time;
+- ``weighted_averages``: the same for many targets at once, reading each source once and adding it
+  into every target's accumulator (N accumulators + one source in memory, within a byte budget).
 
 Outputs of ``write_ensemble`` (in ``save_ckpt_path``, as the original's, with safetensors instead of
 pickles): ``without_{task}_checkpoint.safetensors`` (+ ``.json``) per target, which
@@ -276,6 +278,87 @@ def weighted_average(paths_and_weights, expect_method=None):
     return acc, config
 
 
+ACCUMULATOR_BYTES = 2 << 30  # float32 accumulators held at once by weighted_averages (2 GiB)
+
+
+def _check_weights(target, w: dict, checkpoints: dict):
+    if not w:
+        raise EnsembleError(f"target {target}: no source deltas to average")
+    unknown = [s for s in w if s not in checkpoints]
+    if unknown:
+        raise EnsembleError(f"target {target}: no checkpoint for source(s) {', '.join(unknown)}")
+    for s, x in w.items():
+        if not math.isfinite(float(x)):
+            raise EnsembleError(f"{checkpoints[s]}: weight {x} is not finite")
+
+
+def _flat32(tensors: dict, keys) -> torch.Tensor:
+    """A delta's tensors, in ``keys`` order, as one float32 vector (P,): one add per target and
+    source instead of one per tensor (an adapter on T5-base has 120 small tensors)."""
+    return torch.cat([tensors[k].reshape(-1).to(torch.float32) for k in keys])
+
+
+def _unflat(flat: torch.Tensor, shapes: dict) -> dict:
+    """{name: tensor} of its own memory (cloned: safetensors refuses views of one shared buffer)."""
+    sizes = [math.prod(s) for s in shapes.values()]
+    return {k: part.view(shape).clone() for (k, shape), part in zip(shapes.items(), flat.split(sizes))}
+
+
+def weighted_averages(weights: dict, checkpoints: dict, expect_method=None, max_bytes=ACCUMULATOR_BYTES):
+    """Yield ``(target, tensors, config)`` for every target of ``weights`` ({target: {source: w}}),
+    tensors[k] = sum_s w_s * delta_s[k] in float32, the sources taken in ``checkpoints`` order.
+
+    Each source is read once and added into the accumulator of every target that uses it (the
+    per-target ``weighted_average`` reads every source once per target: N^2 reads for N targets).
+    Memory: the accumulators of as many targets as fit in ``max_bytes`` plus one source; when they do
+    not all fit, the targets are done in groups and the sources read once per group. The first pass
+    reads and checks every checkpoint given (even one no target uses) before anything is yielded, so
+    a caller that writes as it goes writes nothing when a source is bad."""
+    targets = list(weights)
+    for t in targets:
+        _check_weights(t, weights[t], checkpoints)
+    start, config, shapes, per_pass = 0, None, None, len(targets)
+    while start < len(targets):
+        group = targets[start:start + per_pass]
+        reads = list(checkpoints) if start == 0 else [s for s in checkpoints if any(s in weights[t] for t in group)]
+        accs = {}  # {target: (P,) float32}, filled as the sources stream by
+        i = 0  # not zip()/enumerate(): their reused tuple would keep the previous source alive during a read
+        for tensors, cfg in _checked_sources([checkpoints[s] for s in reads], expect_method):
+            s, i = reads[i], i + 1
+            if config is None:  # the first source fixes the layout and how many accumulators fit
+                config, shapes = cfg, {k: tuple(v.shape) for k, v in tensors.items()}
+                per_pass = max(1, int(max_bytes // max(4 * sum(v.numel() for v in tensors.values()), 1)))
+                group = targets[:per_pass]
+            users = [t for t in group if s in weights[t]]
+            flat = _flat32(tensors, shapes) if users else None
+            del tensors
+            for t in users:
+                w = float(weights[t][s])
+                if t in accs:
+                    accs[t].add_(flat, alpha=w)
+                else:  # mul makes a fresh tensor; with w = 1 it is the source bit for bit
+                    accs[t] = flat * w
+            del flat
+        for t in group:
+            yield t, _unflat(accs.pop(t), shapes), config
+        start += len(group)
+
+
+def write_averages(save_dir, weights: dict, checkpoints: dict, *, method, expect_method=None, temperature=None,
+                   metric=None, max_bytes=ACCUMULATOR_BYTES, **meta) -> list:
+    """``without_{target}_checkpoint.safetensors`` (+ .json) for every target of ``weights`` from
+    ``weighted_averages``; returns the written paths (nothing is written if a source is bad)."""
+    save_dir = Path(save_dir)
+    written = []
+    for target, tensors, config in weighted_averages(weights, checkpoints, expect_method, max_bytes):
+        w = weights[target]
+        path = save_dir / OUTPUT_PATTERN.format(task=target)
+        save_delta(path, tensors, config, task=target, method=method, weights=w, temperature=temperature,
+                   metric=metric, sources={s: str(Path(checkpoints[s]).resolve()) for s in w}, **meta)
+        written.append(path)
+    return written
+
+
 def check_sources(paths, expect_method=None):
     """Read every source once and refuse a mix of methods, configs or tensors, before anything is
     written; returns the common config."""
@@ -386,19 +469,9 @@ def write_ensemble(save_dir, weights: dict, checkpoints: dict, *, method, expect
     ``weights``: {target: {source: w}}; ``checkpoints``: {source: path}, in source order (the
     column order of the heat map and final_weight.txt). Returns the written delta paths."""
     sources = list(checkpoints)
-    for target, w in weights.items():
-        unknown = [s for s in w if s not in checkpoints]
-        if unknown:
-            raise EnsembleError(f"target {target}: no checkpoint for source(s) {', '.join(unknown)}")
-    check_sources(checkpoints.values(), expect_method)  # fail before writing anything
     save_dir = Path(save_dir)
-    written = []
-    for target, w in weights.items():
-        tensors, config = weighted_average([(checkpoints[s], x) for s, x in w.items()], expect_method)
-        path = save_dir / OUTPUT_PATTERN.format(task=target)
-        save_delta(path, tensors, config, task=target, method=method, weights=w, temperature=temperature,
-                   metric=metric, sources={s: str(Path(checkpoints[s]).resolve()) for s in w}, **meta)
-        written.append(path)
+    written = write_averages(save_dir, weights, checkpoints, method=method, expect_method=expect_method,
+                             temperature=temperature, metric=metric, **meta)
     write_final_weight(save_dir / "final_weight.txt", weights, sources)
     write_weights_csv(save_dir / "weights.csv", weights, sources, scores)
     title = method if metric is None else f"{metric}, T = {temperature:g}"
