@@ -40,9 +40,11 @@ def build_model(config, seed=0):
     return T5ForConditionalGeneration(config)
 
 
-def save_backbone(model, tokenizer, out_dir):
+def save_backbone(model, tokenizer, out_dir, dtype=torch.float32):
+    """Save model and tokenizer; ``dtype=torch.bfloat16`` halves the file (loading casts it back to
+    float32, see pewe.model.load_backbone)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -58,7 +58,8 @@ def load_backbone(model_path, tokenizer_path=None, device="cpu"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-        model = T5ForConditionalGeneration.from_pretrained(str(model_path))
+        # float32 parameters whatever the file stores; speed comes from autocast (--precision)
+        model = T5ForConditionalGeneration.from_pretrained(str(model_path), dtype=torch.float32)
     if model.config.model_type not in ("t5", "mt5", "umt5"):
         raise ValueError(f"{model_path}: a {model.config.model_type} model, not a T5-family model")
     model.to(device)

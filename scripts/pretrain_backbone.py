@@ -87,7 +87,7 @@ def main(argv=None):
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
-    save_backbone(model.cpu(), tok, tmp)
+    save_backbone(model.cpu(), tok, tmp, dtype=torch.bfloat16)  # half the size; loaded back as float32
     (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=1))
     for h in list(logger.handlers):
         h.close()
