@@ -177,7 +177,14 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _register_prefix_attention():
+    import transformers
+    from packaging.version import Version
     from transformers import AttentionInterface
+
+    # Older T5 code (seen with 5.17) does not call registered attention functions: the prefix would
+    # silently do nothing. 5.24 is the version this was built and tested on.
+    if Version(transformers.__version__) < Version("5.24"):
+        raise DeltaError(f"prefix deltas need transformers >= 5.24 (found {transformers.__version__})")
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
