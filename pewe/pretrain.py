@@ -125,8 +125,9 @@ def heldout_loss(model, batches, device, autocast):
 
 
 def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_fraction, device, autocast,
-             log_every=100, progress=True):
-    """AdamW with linear warm-up and cosine decay to 10 %; returns the loss history."""
+             log_every=100, progress=True, max_seconds=0):
+    """AdamW with linear warm-up and cosine decay to 10 %; returns the loss history. ``max_seconds``
+    (> 0) ends the run early, after a held-out evaluation, once that much time has passed."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -150,7 +151,8 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
         opt.step()
         opt.zero_grad(set_to_none=True)
         recent.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        out_of_time = max_seconds > 0 and time.time() - t0 > max_seconds
+        if (step + 1) % log_every == 0 or step + 1 == steps or out_of_time:
             held = heldout_loss(model, heldout, device, autocast)
             row = {"step": step + 1, "train_loss": sum(recent) / len(recent), "heldout_loss": held,
                    "lr": lr_at(step), "seconds": round(time.time() - t0, 1)}
@@ -158,4 +160,7 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
             recent = []
             bar.set_postfix(train=f"{row['train_loss']:.3f}", heldout=f"{held:.3f}")
             log.info(json.dumps(row))
+        if out_of_time:
+            log.warning("stopped after %d of %d updates: max_seconds=%s reached", step + 1, steps, max_seconds)
+            break
     return history

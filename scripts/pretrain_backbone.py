@@ -19,6 +19,7 @@ from task_list import UPSTREAM_TASKS  # noqa: E402
 output_dir = str(REPO / "data" / "t5-mini")  # the model + tokenizer folder written (replaced atomically)
 text_dirs = [str(REPO / "data" / "full")]  # task folders whose *_train.tsv files are the training text
 upstream_tasks = list(UPSTREAM_TASKS)  # tasks trained supervised here, kept out of transfer studies
+tokenizer_path = ""  # reuse this tokenizer folder instead of training one (e.g. data/t5-mini)
 vocab_size = 4000  # unigram pieces (plus 100 <extra_id_N> sentinels)
 d_model = 256  # hidden size
 d_ff = 640  # feed-forward width (gated-gelu, as T5 v1.1)
@@ -36,6 +37,7 @@ max_input_length = 128  # input tokens kept in pretraining (bAbI truncated from 
 max_target_length = 64  # target tokens kept
 heldout_batches = 4  # fixed batches of span-corrupted dev inputs for the held-out loss
 log_every = 100  # updates between held-out evaluations
+max_seconds = 0  # stop pretraining after this many seconds (0: no limit), e.g. inside a time-limited job
 seed = 0  # seed of the initialisation and the data order
 device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
@@ -63,7 +65,11 @@ def main(argv=None):
         print(f"error: no *_train.tsv under {a.text_dirs}", file=sys.stderr)
         return 1
     tok_texts = [source_text(t, x) for t, x, _ in corpus] + [ans for _, _, ans_ in corpus for ans in ans_]
-    tok = train_tokenizer(tok_texts, a.vocab_size)
+    if a.tokenizer_path:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(a.tokenizer_path)
+    else:
+        tok = train_tokenizer(tok_texts, a.vocab_size)
     model = build_model(small_config(tok, a.d_model, a.d_ff, a.num_layers, a.num_heads, a.d_kv,
                                      dropout=a.pretrain_dropout), a.seed)
     device = pick_device(a.device)
@@ -83,8 +89,10 @@ def main(argv=None):
               "precision": precision, "heldout_loss_random_init": heldout_loss(model, heldout, device, ctx)}
     t0 = time.time()
     report["history"] = pretrain(model, mix, heldout, a.steps, a.batch_size, a.learning_rate, a.warmup,
-                                 a.supervised_fraction, device, ctx, a.log_every, a.progress) if a.steps else []
+                                 a.supervised_fraction, device, ctx, a.log_every, a.progress,
+                                 max_seconds=a.max_seconds) if a.steps else []
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
+    report["updates"] = report["history"][-1]["step"] if report["history"] else 0
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
     save_backbone(model.cpu(), tok, tmp, dtype=torch.bfloat16)  # half the size; loaded back as float32
@@ -96,7 +104,7 @@ def main(argv=None):
     tmp.rename(out)  # the finished folder appears at once; an interrupted run leaves only .partial
     print(f"{out}: {report['parameters']:,} parameters, vocabulary {len(tok)}; held-out span-corruption loss "
           f"{report['heldout_loss_random_init']:.3f} at random init -> {report['heldout_loss']:.3f} "
-          f"after {a.steps} updates ({report['seconds']:.0f}s)")
+          f"after {report['updates']} updates ({report['seconds']:.0f}s)")
     return 0
 
 
