@@ -819,5 +819,6 @@ def run_study(a, model, tokenizer, device, precision):
     if "report" in p.steps:
         refresh_summaries(a, p, precision)
         report = step_report(a, p)
+        print(Path(report).read_text(), end="")
         print(f"report: {report}")
     return p

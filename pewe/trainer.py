@@ -231,12 +231,13 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
                 bar.set_postfix(loss=f"{mean:.4f}")
                 log.info("%s update %d: train loss %.4f (%.2fs/update)", meta.get("task", ""), n, mean,
                          (time.time() - t0) / max(1, len(losses)))
+            score = None  # a budget that falls on a validation step is decoded once
             if str(n) in map(str, step_budgets):
-                c["budget_scores"][str(n)] = validate()
+                score = c["budget_scores"][str(n)] = validate()
             if settings.valid_interval and n % settings.valid_interval == 0:
                 recent = losses[-settings.valid_interval:]
                 train_loss = sum(recent) / len(recent)
-                score = validate()
+                score = validate() if score is None else score
                 c["history"].append([n, score, train_loss])
                 if c["best"] is None or (score > c["best"] and train_loss >= 1e-7):
                     c.update(best=score, best_step=n, bad=0)
