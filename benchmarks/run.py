@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, DELTAS, Stepper, build_t5, interleave, load_average, machine, median,  # noqa: E402
-                    paired_ratio, random_batch, steppers, with_delta, SHAPES)
+from common import (REPO, DELTAS, Stepper, interleave, load_average, machine, median,  # noqa: E402
+                    paired_ratio, random_batch, steppers, SHAPES)
 
 import torch  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pewe.errors import UserError
 
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def setup_logging(output_dir, log_name, quiet=False):
@@ -42,22 +42,29 @@ def run_entry(a, log_name, fn, needs_model=True):
     logger = setup_logging(a.output_dir, log_name, getattr(a, "quiet", False))
     logger.info("options: %s", vars(a))
     warnings.filterwarnings("ignore", message=".*generation flags.*")
-    try:
+
+    def work():
         device = pick_device(getattr(a, "device", "auto"))
         precision = resolve_precision(getattr(a, "precision", "auto"), device)
         logger.info("device %s, precision %s", device, precision)
-        if needs_model:
-            model, tokenizer = load_backbone(a.model, a.tokenizer_path, device)
-        else:
-            model = tokenizer = None
+        model, tokenizer = load_backbone(a.model, a.tokenizer_path, device) if needs_model else (None, None)
         fn(a, model, tokenizer, device, precision)
+
+    return run_cli(work, logger=logger)
+
+
+def run_cli(fn, *args, logger=None) -> int:
+    """Call ``fn(*args)``; known bad input ends with one ``error: ...`` line (and a line in the log
+    file of ``logger``, if given) and exit status 1; Ctrl-C with 130."""
+    try:
+        fn(*args)
     except USER_ERRORS as e:
-        for h in logger.handlers:  # the log file gets it; the terminal gets one plain line
+        for h in logger.handlers if logger else ():  # the log file gets it; the terminal one plain line
             if isinstance(h, logging.FileHandler):
                 h.emit(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (e,), None))
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command (finished work is kept)", file=sys.stderr)
         return 130
     return 0

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,6 @@ _ALIASES = {"kl_divergence": "KL", "cosine_of_logits_and_labels": "Cosine_of_Log
             "cos": "Cosine", "perf": "Performance"}
 
 OUTPUT_PATTERN = "without_{task}_checkpoint.safetensors"
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)  # DataError, DeltaError are ValueErrors
 
 
 class EnsembleError(UserError):
@@ -514,14 +512,3 @@ def summary_line(target, w, top=3) -> str:
     return f"  {target}: " + ", ".join(f"{s} {x:.3f}" for s, x in best)
 
 
-def run_cli(fn, *args) -> int:
-    """Call ``fn(*args)``; known bad input ends with one ``error: ...`` line and exit status 1."""
-    try:
-        fn(*args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command (outputs are rewritten whole)", file=sys.stderr)
-        return 130
-    return 0

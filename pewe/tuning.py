@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from delta_modules import DeltaConfig, DeltaError, attach_delta, find_checkpoint, load_delta, save_delta, read_delta

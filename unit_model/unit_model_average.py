@@ -27,7 +27,7 @@ groups = []  # manual division: groups ("a b c" or a+b+c); a target averages its
 
 def main(argv=None):
     from pewe.configurator import configure
-    from pewe.ensemble import run_cli
+    from pewe.cli import run_cli
 
     a = configure(globals(), __file__, argv)
     return run_cli(_run, a)

@@ -29,7 +29,7 @@ task_list = []  # sources and targets (default: the task folders that have a sou
 
 def main(argv=None):
     from pewe.configurator import configure
-    from pewe.ensemble import run_cli
+    from pewe.cli import run_cli
 
     a = configure(globals(), __file__, argv)
     return run_cli(_run, a)
