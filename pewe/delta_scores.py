@@ -214,8 +214,6 @@ def write_ensemble_per_target(save_dir, weights: dict, checkpoints: dict, source
         save_delta(path, tensors, config, task=target, method=method, weights=w, temperature=temperature,
                    metric=metric, sources={s: str(Path(paths[s]).resolve()) for s in w}, **meta)
         written.append(path)
-    E.write_final_weight(save_dir / "final_weight.txt", weights, sources)
-    E.write_weights_csv(save_dir / "weights.csv", weights, sources, scores)
     title = method if metric is None else f"{metric}, T = {temperature:g}"
-    E.plot_heat_map(save_dir / "hot_pic_all.png", weights, sources, title=title)
+    E.write_weight_reports(save_dir, weights, sources, scores, title)
     return written

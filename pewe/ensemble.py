@@ -470,11 +470,17 @@ def write_ensemble(save_dir, weights: dict, checkpoints: dict, *, method, expect
     save_dir = Path(save_dir)
     written = write_averages(save_dir, weights, checkpoints, method=method, expect_method=expect_method,
                              temperature=temperature, metric=metric, **meta)
+    title = method if metric is None else f"{metric}, T = {temperature:g}"
+    write_weight_reports(save_dir, weights, sources, scores, title)
+    return written
+
+
+def write_weight_reports(save_dir, weights: dict, sources, scores=None, title=""):
+    """The files a user reads beside the averaged deltas: final_weight.txt, weights.csv, hot_pic_all.png."""
+    save_dir = Path(save_dir)
     write_final_weight(save_dir / "final_weight.txt", weights, sources)
     write_weights_csv(save_dir / "weights.csv", weights, sources, scores)
-    title = method if metric is None else f"{metric}, T = {temperature:g}"
     plot_heat_map(save_dir / "hot_pic_all.png", weights, sources, title=title)
-    return written
 
 
 # --------------------------------------------------------------------------- entry-script helpers

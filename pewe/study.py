@@ -493,6 +493,7 @@ def step_ensemble(bench, a, p, method):
 
     sources = source_checkpoints(a, p, method)
     for init in p.init_names:
+        pending, metas = {}, {}  # the targets still to write: {target: {source: w}}, {target: meta}
         for target in p.targets:
             got = init_weights(a, p, method, init, target)
             path = init_path(p, method, init, target)
@@ -507,9 +508,12 @@ def step_ensemble(bench, a, p, method):
                                      f"or scores?); use another output_dir or delete {path.parent}")
                 log.info("%s: already done, skipping", path)
                 continue
-            tensors, config = E.weighted_average([(sources[s], w) for s, w in weights.items()], expect_method=method)
-            save_delta(path, tensors, config, task=target, weights=weights,
-                       sources={s: str(Path(sources[s]).resolve()) for s in weights}, **meta)
+            pending[target], metas[target] = weights, meta
+        # each source is read once for all pending targets (not once per target)
+        for target, tensors, config in E.weighted_averages(pending, sources, expect_method=method):
+            weights = pending[target]
+            save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=weights,
+                       sources={s: str(Path(sources[s]).resolve()) for s in weights}, **metas[target])
         write_init_summary(p, method, init)
 
 
@@ -537,9 +541,7 @@ def write_init_summary(p, method, init):
     scores = None
     if init not in BASELINES:
         scores = {t: read_part(p, method, t)["scores"][init] for t in weights}
-    E.write_final_weight(d / "final_weight.txt", weights, p.tasks)
-    E.write_weights_csv(d / "weights.csv", weights, p.tasks, scores)
-    E.plot_heat_map(d / "hot_pic_all.png", weights, p.tasks, title=f"{method}: {init}")
+    E.write_weight_reports(d, weights, p.tasks, scores, title=f"{method}: {init}")
     atomic_write_text(d / "weights.json", text)
 
 
