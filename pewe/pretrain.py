@@ -124,12 +124,66 @@ def heldout_loss(model, batches, device, autocast):
     return total / count
 
 
+def shuffled_inputs(batches, seed=0):
+    """The same batches with each row's real input tokens in a random order (padding stays last).
+
+    A model blind to word order gives exactly the same loss on them, so the gap between the two
+    held-out losses measures how much the model uses order."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in batches:
+        ids = b["input_ids"].clone()
+        for i, n in enumerate(b["attention_mask"].sum(1).tolist()):
+            ids[i, :n] = ids[i, torch.randperm(n, generator=g)]
+        out.append(dict(b, input_ids=ids))
+    return out
+
+
+@torch.no_grad()
+def row_losses(model, batch, device, autocast) -> torch.Tensor:
+    """Mean token loss of each row of one batch, shape (rows,)."""
+    with autocast:
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+    labels = batch["labels"].to(device)
+    mask = labels != -100
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return -(logp * mask).sum(1) / mask.sum(1)
+
+
+def order_sensitivity(model, batches, device, autocast, seed=0) -> float:
+    """Mean absolute change of each row's loss when its input words are shuffled: exactly 0 for a
+    model blind to word order. (The mean loss itself can stay put while every row changes.)"""
+    was = model.training
+    model.eval()
+    diffs = [(row_losses(model, b, device, autocast) - row_losses(model, s, device, autocast)).abs()
+             for b, s in zip(batches, shuffled_inputs(batches, seed))]
+    model.train(was)
+    return torch.cat(diffs).mean().item()
+
+
+def position_bias_groups(model, weight_decay=0.01, position_lr_scale=1.0):
+    """AdamW parameter groups: T5's relative position bias tables apart, with ``lr_scale``.
+
+    Adam moves a parameter by about the learning rate per update whatever its gradient, and a bias
+    entry starts near 0 (std d_model**-0.5); to make attention prefer some distances it must reach
+    several units. At lr 6e-4 a few thousand updates cannot get it there, and the model stays
+    blind to word order (docs/BACKBONE.md), so these tables get a larger rate and no weight decay."""
+    bias, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (bias if "relative_attention_bias" in name else rest).append(p)
+    return [{"params": rest, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": bias, "weight_decay": 0.0, "lr_scale": position_lr_scale}]
+
+
 def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_fraction, device, autocast,
-             log_every=100, progress=True, max_seconds=0):
+             log_every=100, progress=True, max_seconds=0, position_lr_scale=1.0):
     """AdamW with linear warm-up and cosine decay to 10 %; returns the loss history. ``max_seconds``
-    (> 0) ends the run early, after a held-out evaluation, once that much time has passed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    (> 0) ends the run early, after a held-out evaluation, once that much time has passed. The
+    relative position bias learns at ``position_lr_scale`` times the rate (position_bias_groups)."""
+    groups = position_bias_groups(model, 0.01, position_lr_scale)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
     def lr_at(step):
         if step < warmup:
@@ -142,7 +196,7 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
     bar = tqdm(range(steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["lr_scale"]
         b = mixture.batch(batch_size, supervised_fraction)
         with autocast:
             loss = model(**{k: v.to(device) for k, v in b.items()}).loss

@@ -31,6 +31,7 @@ pretrain_dropout = 0.0  # dropout while pretraining (0, as T5 v1.1 was pretraine
 steps = 2000  # pretraining updates (0: random initialisation only)
 batch_size = 16  # sequences per update
 learning_rate = 6e-4  # peak AdamW learning rate (2e-3 diverged in calibration)
+position_lr_scale = 50.0  # the relative position bias tables learn at this multiple of the rate (1: the model stays blind to word order)
 warmup = 200  # linear warm-up updates, then cosine decay to 10 %
 supervised_fraction = 0.6  # share of each batch drawn from the upstream tasks' supervised rows
 max_input_length = 128  # input tokens kept in pretraining (bAbI truncated from the left)
@@ -52,7 +53,7 @@ def main(argv=None):
     from pewe.configurator import configure
     from pewe.data import source_text
     from pewe.model import autocast, pick_device, resolve_precision
-    from pewe.pretrain import Mixture, heldout_loss, load_texts, pretrain
+    from pewe.pretrain import Mixture, heldout_loss, load_texts, pretrain, shuffled_inputs
 
     a = configure(globals(), __file__, argv)
     out = Path(a.output_dir)
@@ -90,8 +91,10 @@ def main(argv=None):
     t0 = time.time()
     report["history"] = pretrain(model, mix, heldout, a.steps, a.batch_size, a.learning_rate, a.warmup,
                                  a.supervised_fraction, device, ctx, a.log_every, a.progress,
-                                 max_seconds=a.max_seconds) if a.steps else []
+                                 max_seconds=a.max_seconds, position_lr_scale=a.position_lr_scale) if a.steps else []
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
+    # the same inputs in shuffled order: equal to heldout_loss for a model that ignores word order
+    report["heldout_loss_shuffled"] = heldout_loss(model, shuffled_inputs(heldout), device, ctx)
     report["updates"] = report["history"][-1]["step"] if report["history"] else 0
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
@@ -104,7 +107,8 @@ def main(argv=None):
     tmp.rename(out)  # the finished folder appears at once; an interrupted run leaves only .partial
     print(f"{out}: {report['parameters']:,} parameters, vocabulary {len(tok)}; held-out span-corruption loss "
           f"{report['heldout_loss_random_init']:.3f} at random init -> {report['heldout_loss']:.3f} "
-          f"after {report['updates']} updates ({report['seconds']:.0f}s)")
+          f"after {report['updates']} updates ({report['seconds']:.0f}s); {report['heldout_loss_shuffled']:.3f} "
+          f"with each input's words shuffled")
     return 0
 
 
