@@ -78,7 +78,8 @@ def zero_shot_scores(model_path, tasks, max_input_length=512):
         mix = Mixture(tok, [], [(task, e.input, e.answers) for e in dev], max_input_length, 64, seed=0)
         order = order_sensitivity(model, [mix.batch(16, 1.0) for _ in range(4)], torch.device("cpu"),
                                   autocast(torch.device("cpu"), precision))
-        out[task] = metric_for(task), evaluate(preds, [ex.answers for ex in rows.examples], metric_for(task)), order
+        metric = metric_for(task)
+        out[task] = metric, evaluate(preds, [ex.answers for ex in rows.examples], metric), order
     return out
 
 
