@@ -40,6 +40,29 @@ def build_model(config, seed=0):
     return T5ForConditionalGeneration(config)
 
 
+def recency_bias_init(model):
+    """Start every relative-position bias table at ALiBi's recency prior (Press et al., 2022): head h
+    of H adds -2^(-8h/H) x (mean token distance of the bucket) to its attention logits. A randomly
+    initialised table (std d_model^-0.5) starts blind to word order, and whether pretraining
+    discovers order was found to vary from run to run (docs/BACKBONE.md)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    for module in model.modules():
+        if not (isinstance(module, T5Attention) and module.has_relative_attention_bias):
+            continue
+        n, far = module.relative_attention_num_buckets, module.relative_attention_max_distance
+        bidirectional = not module.is_decoder
+        rel = torch.arange(-2 * far, 2 * far + 1 if bidirectional else 1)  # key minus query position
+        buckets = module._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=n,
+                                                   max_distance=far)
+        dist = torch.zeros(n).index_add_(0, buckets, rel.abs().float()) / torch.bincount(buckets, minlength=n).clamp(min=1)
+        heads = module.n_heads
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+        with torch.no_grad():
+            module.relative_attention_bias.weight.copy_(-dist[:, None] * slopes[None, :])  # (buckets, heads)
+    return model
+
+
 def save_backbone(model, tokenizer, out_dir, dtype=torch.float32):
     """Save model and tokenizer; ``dtype=torch.bfloat16`` halves the file (loading casts it back to
     float32, see pewe.model.load_backbone)."""

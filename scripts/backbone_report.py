@@ -100,10 +100,10 @@ def main(argv=None):
         lines += ["## Held-out span-corruption loss", "",
                   "| model | loss |", "|---|---|",
                   f"| same architecture, random init | {r['heldout_loss_random_init']:.3f} |",
-                  f"| backbone after {r['config']['steps']} updates | {r['heldout_loss']:.3f} |"]
-        if "heldout_loss_shuffled" in r:  # equal to the line above for a model blind to word order
-            lines.append(f"| backbone, each input's words shuffled | {r['heldout_loss_shuffled']:.3f} |")
-        lines.append("")
+                  f"| backbone after {r['config']['steps']} updates | {r['heldout_loss']:.3f} |", ""]
+        if "upstream_order_sensitivity" in r:  # 0 for a model blind to word order
+            lines += [f"Order sensitivity on upstream dev rows (mean change of a row's loss when its input words "
+                      f"are shuffled): {r['upstream_order_sensitivity']:.3f}.", ""]
 
     if a.upstream_tasks:
         lines += ["## Upstream tasks, zero-shot", "",

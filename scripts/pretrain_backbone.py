@@ -31,6 +31,7 @@ pretrain_dropout = 0.0  # dropout while pretraining (0, as T5 v1.1 was pretraine
 steps = 2000  # pretraining updates (0: random initialisation only)
 batch_size = 16  # sequences per update
 learning_rate = 6e-4  # peak AdamW learning rate (2e-3 diverged in calibration)
+position_bias_init = "normal"  # normal (T5's random init) or recency (ALiBi's distance penalty per head)
 position_lr_scale = 50.0  # relative position bias tables learn at this multiple of the rate (1: blind to word order)
 warmup = 200  # linear warm-up updates, then cosine decay to 10 %
 supervised_fraction = 0.6  # share of each batch drawn from the upstream tasks' supervised rows
@@ -48,14 +49,17 @@ progress = True  # progress bar
 def main(argv=None):
     import torch
 
-    from pewe.backbone import build_model, save_backbone, small_config, train_tokenizer
+    from pewe.backbone import build_model, recency_bias_init, save_backbone, small_config, train_tokenizer
     from pewe.cli import setup_logging
     from pewe.configurator import configure
     from pewe.data import source_text
     from pewe.model import autocast, pick_device, resolve_precision
-    from pewe.pretrain import Mixture, heldout_loss, load_texts, pretrain, shuffled_inputs
+    from pewe.pretrain import Mixture, heldout_loss, load_texts, order_sensitivity, pretrain
 
     a = configure(globals(), __file__, argv)
+    if a.position_bias_init not in ("normal", "recency"):
+        print(f"error: --position_bias_init must be normal or recency, not {a.position_bias_init!r}", file=sys.stderr)
+        return 1
     out = Path(a.output_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,6 +77,8 @@ def main(argv=None):
         tok = train_tokenizer(tok_texts, a.vocab_size)
     model = build_model(small_config(tok, a.d_model, a.d_ff, a.num_layers, a.num_heads, a.d_kv,
                                      dropout=a.pretrain_dropout), a.seed)
+    if a.position_bias_init == "recency":
+        recency_bias_init(model)
     device = pick_device(a.device)
     precision = resolve_precision(a.precision, device)
     model.to(device)
@@ -83,7 +89,8 @@ def main(argv=None):
         return 1
     torch.manual_seed(a.seed)
     mix = Mixture(tok, corpus, upstream, a.max_input_length, a.max_target_length, a.seed)
-    held_mix = Mixture(tok, load_texts(a.text_dirs, "dev"), [], a.max_input_length, a.max_target_length, a.seed + 1)
+    dev = load_texts(a.text_dirs, "dev")  # only measures the model, never trains it
+    held_mix = Mixture(tok, dev, [], a.max_input_length, a.max_target_length, a.seed + 1)
     heldout = [held_mix.batch(a.batch_size, 0.0) for _ in range(a.heldout_batches)]
     ctx = autocast(device, precision)
     report = {"config": vars(a), "parameters": model.num_parameters(), "device": str(device),
@@ -93,8 +100,12 @@ def main(argv=None):
                                  a.supervised_fraction, device, ctx, a.log_every, a.progress,
                                  max_seconds=a.max_seconds, position_lr_scale=a.position_lr_scale) if a.steps else []
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
-    # the same inputs in shuffled order: equal to heldout_loss for a model that ignores word order
-    report["heldout_loss_shuffled"] = heldout_loss(model, shuffled_inputs(heldout), device, ctx)
+    # mean |change of a row's loss| when its input words are shuffled, on upstream dev rows: 0 for a
+    # model blind to word order (on span-corruption batches it barely moves either way)
+    up_mix = Mixture(tok, [], [row for row in dev if row[0] in set(a.upstream_tasks)], a.max_input_length,
+                     a.max_target_length, a.seed + 2)
+    report["upstream_order_sensitivity"] = order_sensitivity(
+        model, [up_mix.batch(a.batch_size, 1.0) for _ in range(a.heldout_batches)], device, ctx)
     report["updates"] = report["history"][-1]["step"] if report["history"] else 0
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
@@ -107,8 +118,8 @@ def main(argv=None):
     tmp.rename(out)  # the finished folder appears at once; an interrupted run leaves only .partial
     print(f"{out}: {report['parameters']:,} parameters, vocabulary {len(tok)}; held-out span-corruption loss "
           f"{report['heldout_loss_random_init']:.3f} at random init -> {report['heldout_loss']:.3f} "
-          f"after {report['updates']} updates ({report['seconds']:.0f}s); {report['heldout_loss_shuffled']:.3f} "
-          f"with each input's words shuffled")
+          f"after {report['updates']} updates ({report['seconds']:.0f}s); order sensitivity on "
+          f"upstream dev rows {report['upstream_order_sensitivity']:.3f} (0: blind to word order)")
     return 0
 
 

@@ -9,6 +9,7 @@ TEXT_DIR=${TEXT_DIR:-data/full}  # task folders whose train splits are the pretr
 STEPS=${STEPS:-2000}  # pretraining updates
 BATCH_SIZE=${BATCH_SIZE:-16}  # sequences per update
 LEARNING_RATE=${LEARNING_RATE:-6e-4}  # peak AdamW learning rate
+POSITION_BIAS_INIT=${POSITION_BIAS_INIT:-normal}  # normal (T5's random init) or recency (ALiBi's distance penalty)
 POSITION_LR_SCALE=${POSITION_LR_SCALE:-50}  # relative position bias tables learn at this multiple of it (1: blind to word order)
 MAX_INPUT_LENGTH=${MAX_INPUT_LENGTH:-128}  # input tokens kept while pretraining
 DEVICE=${DEVICE:-auto}  # auto, cpu or cuda
@@ -20,6 +21,7 @@ $python scripts/pretrain_backbone.py \
 --steps ${STEPS} \
 --batch_size ${BATCH_SIZE} \
 --learning_rate ${LEARNING_RATE} \
+--position_bias_init ${POSITION_BIAS_INIT} \
 --position_lr_scale ${POSITION_LR_SCALE} \
 --max_input_length ${MAX_INPUT_LENGTH} \
 --device ${DEVICE} \

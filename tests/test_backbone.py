@@ -98,3 +98,22 @@ def test_shipped_backbone_uses_word_order():
     model, tok = _model(REPO / "data" / "t5-mini")
     for task in ("babi-qa11", "babi-qa13"):
         assert order_sensitivity(model, _batches(tok, task=task, rows=32), "cpu", NULL) > 0.05, task
+
+
+def test_recency_init_is_alibi_on_t5_buckets(tiny_backbone):
+    """Within T5's exact buckets (distance < num_buckets / 4 both ways in the encoder, / 2 in the
+    decoder) the bias is -slope_h x distance with ALiBi's slopes 2^(-8h/H); beyond, it keeps falling."""
+    from pewe.backbone import recency_bias_init
+
+    model, _ = _model(tiny_backbone)
+    recency_bias_init(model)
+    for stack, exact in ((model.encoder, 4), (model.decoder, 2)):
+        att = stack.block[0].layer[0].SelfAttention
+        n, heads = att.relative_attention_num_buckets, att.n_heads
+        slopes = torch.tensor([2.0 ** (-8.0 * h / heads) for h in range(1, heads + 1)])
+        w = att.relative_attention_bias.weight.detach()  # (buckets, heads)
+        d = torch.arange(n // exact).float()
+        torch.testing.assert_close(w[: n // exact], -d[:, None] * slopes[None, :])
+        # one row of the bias the model adds, (heads, query, key): the last query prefers nearer keys
+        bias = att.compute_bias(64, 64)[0, :, -1, :]  # keys 0..63, query 63
+        assert (bias[:, 1:] >= bias[:, :-1]).all() and (bias[:, -1] > bias[:, 0]).all()
