@@ -101,7 +101,7 @@ def main(argv=None):
                   "| model | loss |", "|---|---|",
                   f"| same architecture, random init | {r['heldout_loss_random_init']:.3f} |",
                   f"| backbone after {r['config']['steps']} updates | {r['heldout_loss']:.3f} |", ""]
-        if "upstream_order_sensitivity" in r:  # 0 for a model blind to word order
+        if r.get("upstream_order_sensitivity") is not None:  # 0 for a model blind to word order
             lines += [f"Order sensitivity on upstream dev rows (mean change of a row's loss when its input words "
                       f"are shuffled): {r['upstream_order_sensitivity']:.3f}.", ""]
 

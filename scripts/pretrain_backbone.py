@@ -102,10 +102,10 @@ def main(argv=None):
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
     # mean |change of a row's loss| when its input words are shuffled, on upstream dev rows: 0 for a
     # model blind to word order (on span-corruption batches it barely moves either way)
-    up_mix = Mixture(tok, [], [row for row in dev if row[0] in set(a.upstream_tasks)], a.max_input_length,
-                     a.max_target_length, a.seed + 2)
+    up_dev = [row for row in dev if row[0] in set(a.upstream_tasks)]  # none without upstream tasks
+    up_mix = Mixture(tok, [], up_dev, a.max_input_length, a.max_target_length, a.seed + 2)
     report["upstream_order_sensitivity"] = order_sensitivity(
-        model, [up_mix.batch(a.batch_size, 1.0) for _ in range(a.heldout_batches)], device, ctx)
+        model, [up_mix.batch(a.batch_size, 1.0) for _ in range(a.heldout_batches)], device, ctx) if up_dev else None
     report["updates"] = report["history"][-1]["step"] if report["history"] else 0
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
@@ -116,10 +116,11 @@ def main(argv=None):
         logger.removeHandler(h)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the finished folder appears at once; an interrupted run leaves only .partial
+    order = report["upstream_order_sensitivity"]
     print(f"{out}: {report['parameters']:,} parameters, vocabulary {len(tok)}; held-out span-corruption loss "
           f"{report['heldout_loss_random_init']:.3f} at random init -> {report['heldout_loss']:.3f} "
-          f"after {report['updates']} updates ({report['seconds']:.0f}s); order sensitivity on "
-          f"upstream dev rows {report['upstream_order_sensitivity']:.3f} (0: blind to word order)")
+          f"after {report['updates']} updates ({report['seconds']:.0f}s)"
+          + (f"; order sensitivity on upstream dev rows {order:.3f} (0: blind to word order)" if up_dev else ""))
     return 0
 
 
