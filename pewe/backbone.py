@@ -55,7 +55,8 @@ def recency_bias_init(model):
         rel = torch.arange(-2 * far, 2 * far + 1 if bidirectional else 1)  # key minus query position
         buckets = module._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=n,
                                                    max_distance=far)
-        dist = torch.zeros(n).index_add_(0, buckets, rel.abs().float()) / torch.bincount(buckets, minlength=n).clamp(min=1)
+        counts = torch.bincount(buckets, minlength=n).clamp(min=1)
+        dist = torch.zeros(n).index_add_(0, buckets, rel.abs().float()) / counts  # mean distance per bucket
         heads = module.n_heads
         slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
         with torch.no_grad():

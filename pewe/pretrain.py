@@ -95,6 +95,13 @@ class Mixture:
         return collate_pairs(pairs, self.tok.pad_token_id)
 
 
+def supervised_batches(tokenizer, rows, count, size, max_input_length, max_target_length, seed=0):
+    """``count`` batches of ``size`` supervised examples drawn from (task, input, answers) rows: fixed
+    batches for measuring a model (order_sensitivity), not for training it."""
+    mix = Mixture(tokenizer, [], rows, max_input_length, max_target_length, seed)
+    return [mix.batch(size, 1.0) for _ in range(count)]
+
+
 def collate_pairs(pairs, pad_id):
     width_in = max(len(s) for s, _ in pairs)
     width_out = max(len(t) for _, t in pairs)

@@ -64,7 +64,7 @@ def zero_shot_scores(model_path, tasks, max_input_length=512):
     from pewe.data import read_tsv, tokenize
     from pewe.metrics import evaluate, metric_for
     from pewe.model import autocast, load_backbone, resolve_precision
-    from pewe.pretrain import Mixture, order_sensitivity
+    from pewe.pretrain import order_sensitivity, supervised_batches
     from pewe.trainer import predict
 
     model, tok = load_backbone(model_path)
@@ -75,9 +75,8 @@ def zero_shot_scores(model_path, tasks, max_input_length=512):
                         max_input_length, 64, one_row_per_answer=False)
         preds = predict(model, tok, rows, 80, 16, torch.device("cpu"), precision)
         dev = read_tsv(REPO / "data" / "full" / task / f"{task}_full_dev.tsv")[:64]
-        mix = Mixture(tok, [], [(task, e.input, e.answers) for e in dev], max_input_length, 64, seed=0)
-        order = order_sensitivity(model, [mix.batch(16, 1.0) for _ in range(4)], torch.device("cpu"),
-                                  autocast(torch.device("cpu"), precision))
+        batches = supervised_batches(tok, [(task, e.input, e.answers) for e in dev], 4, 16, max_input_length, 64)
+        order = order_sensitivity(model, batches, torch.device("cpu"), autocast(torch.device("cpu"), precision))
         metric = metric_for(task)
         out[task] = metric, evaluate(preds, [ex.answers for ex in rows.examples], metric), order
     return out

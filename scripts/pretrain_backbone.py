@@ -54,7 +54,7 @@ def main(argv=None):
     from pewe.configurator import configure
     from pewe.data import source_text
     from pewe.model import autocast, pick_device, resolve_precision
-    from pewe.pretrain import Mixture, heldout_loss, load_texts, order_sensitivity, pretrain
+    from pewe.pretrain import Mixture, heldout_loss, load_texts, order_sensitivity, pretrain, supervised_batches
 
     a = configure(globals(), __file__, argv)
     if a.position_bias_init not in ("normal", "recency"):
@@ -82,8 +82,9 @@ def main(argv=None):
     device = pick_device(a.device)
     precision = resolve_precision(a.precision, device)
     model.to(device)
-    upstream = [row for row in corpus if row[0] in set(a.upstream_tasks)]
-    missing = sorted(set(a.upstream_tasks) - {row[0] for row in corpus})
+    upstream_tasks = set(a.upstream_tasks)
+    upstream = [row for row in corpus if row[0] in upstream_tasks]
+    missing = sorted(upstream_tasks - {row[0] for row in corpus})
     if missing:
         print(f"error: upstream task(s) without a train split under {a.text_dirs}: {missing}", file=sys.stderr)
         return 1
@@ -102,10 +103,10 @@ def main(argv=None):
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
     # mean |change of a row's loss| when its input words are shuffled, on upstream dev rows: 0 for a
     # model blind to word order (on span-corruption batches it barely moves either way)
-    up_dev = [row for row in dev if row[0] in set(a.upstream_tasks)]  # none without upstream tasks
-    up_mix = Mixture(tok, [], up_dev, a.max_input_length, a.max_target_length, a.seed + 2)
+    up_dev = [row for row in dev if row[0] in upstream_tasks]  # none without upstream tasks
     report["upstream_order_sensitivity"] = order_sensitivity(
-        model, [up_mix.batch(a.batch_size, 1.0) for _ in range(a.heldout_batches)], device, ctx) if up_dev else None
+        model, supervised_batches(tok, up_dev, a.heldout_batches, a.batch_size, a.max_input_length,
+                                  a.max_target_length, a.seed + 2), device, ctx) if up_dev else None
     report["updates"] = report["history"][-1]["step"] if report["history"] else 0
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with

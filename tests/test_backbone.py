@@ -7,15 +7,14 @@ import torch
 from conftest import REPO
 from pewe.data import read_tsv
 from pewe.pretrain import (Mixture, order_sensitivity, position_bias_groups, pretrain, row_losses,
-                           shuffled_inputs)
+                           shuffled_inputs, supervised_batches)
 
 NULL = torch.autocast("cpu", enabled=False)
 
 
 def _batches(tokenizer, task="babi-qa1", rows=16, seed=0):
     examples = read_tsv(REPO / "data" / "fewshot" / task / f"{task}_64_42_dev.tsv")[:rows]
-    mix = Mixture(tokenizer, [], [(task, e.input, e.answers) for e in examples], 128, 16, seed)
-    return [mix.batch(8, 1.0) for _ in range(2)]
+    return supervised_batches(tokenizer, [(task, e.input, e.answers) for e in examples], 2, 8, 128, 16, seed)
 
 
 def _model(path):
