@@ -183,11 +183,34 @@ def position_bias_groups(model, weight_decay=0.01, position_lr_scale=1.0):
             {"params": bias, "weight_decay": 0.0, "lr_scale": position_lr_scale}]
 
 
+def task_scores(model, tokenizer, examples_by_task, device, precision, max_input_length=512,
+                max_output_length=64, batch_size=80):
+    """Greedy score of the bare model on each task's examples: {task: (metric, score in [0, 1])}."""
+    from pewe.data import tokenize
+    from pewe.metrics import evaluate, metric_for
+    from pewe.trainer import predict
+
+    was = model.training
+    out = {}
+    for task, examples in examples_by_task.items():
+        rows = tokenize(examples, tokenizer, task, max_input_length, max_output_length, one_row_per_answer=False)
+        preds = predict(model, tokenizer, rows, batch_size, max_output_length, device, precision)
+        metric = metric_for(task)
+        out[task] = metric, evaluate(preds, [ex.answers for ex in examples], metric)
+    model.train(was)
+    return out
+
+
 def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_fraction, device, autocast,
-             log_every=100, progress=True, max_seconds=0, position_lr_scale=1.0):
+             log_every=100, progress=True, max_seconds=0, position_lr_scale=1.0, probe=None, probe_every=0,
+             keep_best_probe=False):
     """AdamW with linear warm-up and cosine decay to 10 %; returns the loss history. ``max_seconds``
     (> 0) ends the run early, after a held-out evaluation, once that much time has passed. The
-    relative position bias learns at ``position_lr_scale`` times the rate (position_bias_groups)."""
+    relative position bias learns at ``position_lr_scale`` times the rate (position_bias_groups).
+
+    ``probe(model) -> {name: score}`` (higher is better) runs every ``probe_every`` updates and at the
+    end; its scores and their mean go into the history row. With ``keep_best_probe`` the model ends
+    with the weights of the probe with the best mean (earliest on ties) instead of the last ones."""
     groups = position_bias_groups(model, 0.01, position_lr_scale)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
@@ -198,7 +221,7 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    history, recent, t0 = [], [], time.time()
+    history, recent, t0, best = [], [], time.time(), None  # best: (probe mean, update, weights)
     model.train()
     bar = tqdm(range(steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -213,15 +236,27 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
         opt.zero_grad(set_to_none=True)
         recent.append(loss.item())
         out_of_time = max_seconds > 0 and time.time() - t0 > max_seconds
-        if (step + 1) % log_every == 0 or step + 1 == steps or out_of_time:
+        last = step + 1 == steps or out_of_time
+        probing = probe is not None and (last or (probe_every > 0 and (step + 1) % probe_every == 0))
+        if (step + 1) % log_every == 0 or last or probing:
             held = heldout_loss(model, heldout, device, autocast)
-            row = {"step": step + 1, "train_loss": sum(recent) / len(recent), "heldout_loss": held,
+            row = {"step": step + 1, "train_loss": sum(recent) / max(1, len(recent)), "heldout_loss": held,
                    "lr": lr_at(step), "seconds": round(time.time() - t0, 1)}
+            if probing:
+                row["probe"] = probe(model)
+                row["probe_mean"] = sum(row["probe"].values()) / max(1, len(row["probe"]))
+                if keep_best_probe and (best is None or row["probe_mean"] > best[0]):
+                    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best = row["probe_mean"], step + 1, weights
             history.append(row)
             recent = []
-            bar.set_postfix(train=f"{row['train_loss']:.3f}", heldout=f"{held:.3f}")
+            bar.set_postfix(train=f"{row['train_loss']:.3f}", heldout=f"{held:.3f}",
+                            **({"probe": f"{row['probe_mean']:.3f}"} if probing else {}))
             log.info(json.dumps(row))
         if out_of_time:
             log.warning("stopped after %d of %d updates: max_seconds=%s reached", step + 1, steps, max_seconds)
             break
+    if best is not None and best[1] != history[-1]["step"]:
+        model.load_state_dict(best[2])
+        log.info("kept the weights of update %d (best mean probe score %.4f)", best[1], best[0])
     return history

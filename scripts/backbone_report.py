@@ -61,24 +61,19 @@ def zero_shot_scores(model_path, tasks, max_input_length=512):
     the full test split; pewe.pretrain.order_sensitivity on 64 supervised dev rows."""
     import torch
 
-    from pewe.data import read_tsv, tokenize
-    from pewe.metrics import evaluate, metric_for
+    from pewe.data import read_tsv
     from pewe.model import autocast, load_backbone, resolve_precision
-    from pewe.pretrain import order_sensitivity, supervised_batches
-    from pewe.trainer import predict
+    from pewe.pretrain import order_sensitivity, supervised_batches, task_scores
 
     model, tok = load_backbone(model_path)
-    precision = resolve_precision("auto", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    tests = {t: read_tsv(REPO / "data" / "full" / t / f"{t}_full_test.tsv") for t in tasks}
     out = {}
-    for task in tasks:
-        rows = tokenize(read_tsv(REPO / "data" / "full" / task / f"{task}_full_test.tsv"), tok, task,
-                        max_input_length, 64, one_row_per_answer=False)
-        preds = predict(model, tok, rows, 80, 16, torch.device("cpu"), precision)
+    for task, (metric, score) in task_scores(model, tok, tests, cpu, precision, max_input_length, 16).items():
         dev = read_tsv(REPO / "data" / "full" / task / f"{task}_full_dev.tsv")[:64]
         batches = supervised_batches(tok, [(task, e.input, e.answers) for e in dev], 4, 16, max_input_length, 64)
-        order = order_sensitivity(model, batches, torch.device("cpu"), autocast(torch.device("cpu"), precision))
-        metric = metric_for(task)
-        out[task] = metric, evaluate(preds, [ex.answers for ex in rows.examples], metric), order
+        out[task] = metric, score, order_sensitivity(model, batches, cpu, autocast(cpu, precision))
     return out
 
 

@@ -39,6 +39,9 @@ max_input_length = 128  # input tokens kept in pretraining (bAbI truncated from 
 max_target_length = 64  # target tokens kept
 heldout_batches = 4  # fixed batches of span-corrupted dev inputs for the held-out loss
 log_every = 100  # updates between held-out evaluations
+probe_every = 500  # updates between greedy scores on upstream dev rows (0: at the end only)
+probe_rows = 100  # dev rows per upstream task in that score
+keep_best_probe = False  # save the weights with the best mean upstream dev score instead of the last
 max_seconds = 0  # stop pretraining after this many seconds (0: no limit), e.g. inside a time-limited job
 seed = 0  # seed of the initialisation and the data order
 device = "auto"  # auto (cuda if available), cpu or cuda
@@ -54,7 +57,9 @@ def main(argv=None):
     from pewe.configurator import configure
     from pewe.data import source_text
     from pewe.model import autocast, pick_device, resolve_precision
-    from pewe.pretrain import Mixture, heldout_loss, load_texts, order_sensitivity, pretrain, supervised_batches
+    from pewe.data import read_tsv
+    from pewe.pretrain import (Mixture, heldout_loss, load_texts, order_sensitivity, pretrain, supervised_batches,
+                               task_scores)
 
     a = configure(globals(), __file__, argv)
     if a.position_bias_init not in ("normal", "recency"):
@@ -96,10 +101,25 @@ def main(argv=None):
     ctx = autocast(device, precision)
     report = {"config": vars(a), "parameters": model.num_parameters(), "device": str(device),
               "precision": precision, "heldout_loss_random_init": heldout_loss(model, heldout, device, ctx)}
+    # the skill the upstream tasks teach comes and goes while the held-out loss keeps falling
+    # (docs/BACKBONE.md section 5), so their dev score is followed as well
+    probe_sets = {t: [e for d in a.text_dirs for f in sorted(Path(d).glob(f"{t}/*_dev.tsv")) for e in read_tsv(f)]
+                  [:a.probe_rows] for t in a.upstream_tasks}
+    probe_sets = {t: rows for t, rows in probe_sets.items() if rows}
+
+    def probe(m):
+        scores = task_scores(m, tok, probe_sets, device, precision, a.max_input_length, a.max_target_length)
+        return {t: score for t, (_, score) in scores.items()}
+
     t0 = time.time()
     report["history"] = pretrain(model, mix, heldout, a.steps, a.batch_size, a.learning_rate, a.warmup,
                                  a.supervised_fraction, device, ctx, a.log_every, a.progress,
-                                 max_seconds=a.max_seconds, position_lr_scale=a.position_lr_scale) if a.steps else []
+                                 max_seconds=a.max_seconds, position_lr_scale=a.position_lr_scale,
+                                 probe=probe if probe_sets else None, probe_every=a.probe_every,
+                                 keep_best_probe=a.keep_best_probe) if a.steps else []
+    probed = [row for row in report["history"] if "probe" in row]
+    report["kept_update"] = max(probed, key=lambda r: r["probe_mean"])["step"] if a.keep_best_probe and probed \
+        else (report["history"][-1]["step"] if report["history"] else 0)
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
     # mean |change of a row's loss| when its input words are shuffled, on upstream dev rows: 0 for a
     # model blind to word order (on span-corruption batches it barely moves either way)
@@ -108,6 +128,7 @@ def main(argv=None):
         model, supervised_batches(tok, up_dev, a.heldout_batches, a.batch_size, a.max_input_length,
                                   a.max_target_length, a.seed + 2), device, ctx) if up_dev else None
     report["updates"] = report["history"][-1]["step"] if report["history"] else 0
+    report["upstream_dev_scores"] = probe(model) if probe_sets else {}  # of the saved weights
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
     save_backbone(model.cpu(), tok, tmp, dtype=torch.bfloat16)  # half the size; loaded back as float32
@@ -122,6 +143,9 @@ def main(argv=None):
           f"{report['heldout_loss_random_init']:.3f} at random init -> {report['heldout_loss']:.3f} "
           f"after {report['updates']} updates ({report['seconds']:.0f}s)"
           + (f"; order sensitivity on upstream dev rows {order:.3f} (0: blind to word order)" if up_dev else ""))
+    for row in probed:
+        print(f"  update {row['step']:>6}: upstream dev " + " ".join(f"{t} {100 * v:.1f}" for t, v in row["probe"].items())
+              + f" (mean {100 * row['probe_mean']:.1f})" + ("  <- saved" if row["step"] == report["kept_update"] else ""))
     return 0
 
 

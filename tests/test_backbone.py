@@ -69,6 +69,30 @@ def test_first_update_moves_the_bias_by_lr_times_scale(tiny_backbone, scale):
     assert step_q.max().item() == pytest.approx(lr, rel=1e-3)
 
 
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_probe_rows_and_the_kept_weights(tiny_backbone, keep_best):
+    """The probe runs every probe_every updates and at the end; with keep_best_probe the model ends
+    with the weights it had at the probe with the best mean score (here the second of four)."""
+    model, tok = _model(tiny_backbone)
+    examples = read_tsv(REPO / "data" / "fewshot" / "babi-qa1" / "babi-qa1_64_42_train.tsv")[:16]
+    mix = Mixture(tok, [], [("babi-qa1", e.input, e.answers) for e in examples], 128, 16, 0)
+    scores, seen = iter([{"a": 0.1, "b": 0.3}, {"a": 0.9, "b": 0.5}, {"a": 0.2, "b": 0.2}, {"a": 0.6, "b": 0.6}]), []
+
+    def probe(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scores)
+
+    history = pretrain(model, mix, [mix.batch(4, 1.0)], 7, 4, 1e-3, warmup=1, supervised_fraction=1.0,
+                       device="cpu", autocast=NULL, log_every=100, progress=False, probe=probe, probe_every=2,
+                       keep_best_probe=keep_best)
+    assert [r["step"] for r in history] == [2, 4, 6, 7]  # every 2 updates, and the last
+    assert [r["probe_mean"] for r in history] == pytest.approx([0.2, 0.7, 0.2, 0.6])
+    assert all(not torch.equal(seen[i]["shared.weight"], seen[i + 1]["shared.weight"]) for i in range(3))
+    kept = seen[1] if keep_best else seen[3]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, kept[k]), k
+
+
 def test_row_losses_average_to_the_model_loss(tiny_backbone):
     model, tok = _model(tiny_backbone)
     b = _batches(tok)[0]
@@ -149,6 +173,9 @@ def test_pretrain_script_recency_run_and_its_report(tiny_backbone, tmp_path):
                                 "--upstream_tasks", "babi-qa6"]) == 0
     report = json.loads((out / "pretrain_report.json").read_text())
     assert report["updates"] == 2 and report["upstream_order_sensitivity"] > 0
+    # the upstream dev score is followed (at the end here: probe_every 500 > 2 updates)
+    assert [sorted(r.get("probe", {})) for r in report["history"]] == [[], ["babi-qa6"]]
+    assert report["kept_update"] == 2 and 0 <= report["upstream_dev_scores"]["babi-qa6"] <= 1
     model, tok = load_backbone(out, out, "cpu")
     start = recency_bias_init(build_model(small_config(tok, 32, 64, 2, 4, 8), seed=0))
     for name in ("encoder", "decoder"):
