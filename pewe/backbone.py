@@ -70,5 +70,9 @@ def save_backbone(model, tokenizer, out_dir, dtype=torch.float32):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
+    # tokenising with max_length leaves that truncation set on the fast backend, and tokenizer.json
+    # would keep it: a reloaded backend would cut every text at that length
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -176,6 +176,8 @@ def test_pretrain_script_recency_run_and_its_report(tiny_backbone, tmp_path):
     # the upstream dev score is followed (at the end here: probe_every 500 > 2 updates)
     assert [sorted(r.get("probe", {})) for r in report["history"]] == [[], ["babi-qa6"]]
     assert report["kept_update"] == 2 and 0 <= report["upstream_dev_scores"]["babi-qa6"] <= 1
+    # tokenising with max_length left truncation on the backend; the saved tokenizer must not keep it
+    assert json.loads((out / "tokenizer.json").read_text())["truncation"] is None
     model, tok = load_backbone(out, out, "cpu")
     start = recency_bias_init(build_model(small_config(tok, 32, 64, 2, 4, 8), seed=0))
     for name in ("encoder", "decoder"):
