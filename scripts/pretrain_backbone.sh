@@ -12,6 +12,7 @@ LEARNING_RATE=${LEARNING_RATE:-6e-4}  # peak AdamW learning rate
 POSITION_BIAS_INIT=${POSITION_BIAS_INIT:-normal}  # normal (T5's random init) or recency (ALiBi's distance penalty)
 POSITION_LR_SCALE=${POSITION_LR_SCALE:-50}  # relative position bias tables learn at this multiple of it (1: blind to word order)
 MAX_INPUT_LENGTH=${MAX_INPUT_LENGTH:-128}  # input tokens kept while pretraining
+PROBE_EVERY=${PROBE_EVERY:-500}  # updates between greedy scores on the upstream tasks' dev rows (0: at the end only)
 DEVICE=${DEVICE:-auto}  # auto, cpu or cuda
 
 python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -24,5 +25,6 @@ $python scripts/pretrain_backbone.py \
 --position_bias_init ${POSITION_BIAS_INIT} \
 --position_lr_scale ${POSITION_LR_SCALE} \
 --max_input_length ${MAX_INPUT_LENGTH} \
+--probe_every ${PROBE_EVERY} \
 --device ${DEVICE} \
 "$@"
