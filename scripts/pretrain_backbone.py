@@ -39,7 +39,7 @@ max_input_length = 128  # input tokens kept in pretraining (bAbI truncated from 
 max_target_length = 64  # target tokens kept
 heldout_batches = 4  # fixed batches of span-corrupted dev inputs for the held-out loss
 log_every = 100  # updates between held-out evaluations
-probe_every = 500  # updates between greedy scores on upstream dev rows (0: at the end only)
+probe_every = 500  # updates between greedy scores on upstream dev rows, inputs cut as here (0: at the end only)
 probe_rows = 100  # dev rows per upstream task in that score
 keep_best_probe = False  # save the weights with the best mean upstream dev score instead of the last
 max_seconds = 0  # stop pretraining after this many seconds (0: no limit), e.g. inside a time-limited job
@@ -55,9 +55,8 @@ def main(argv=None):
     from pewe.backbone import build_model, recency_bias_init, save_backbone, small_config, train_tokenizer
     from pewe.cli import setup_logging
     from pewe.configurator import configure
-    from pewe.data import source_text
+    from pewe.data import read_tsv, source_text
     from pewe.model import autocast, pick_device, resolve_precision
-    from pewe.data import read_tsv
     from pewe.pretrain import (Mixture, heldout_loss, load_texts, order_sensitivity, pretrain, supervised_batches,
                                task_scores)
 
@@ -144,8 +143,9 @@ def main(argv=None):
           f"after {report['updates']} updates ({report['seconds']:.0f}s)"
           + (f"; order sensitivity on upstream dev rows {order:.3f} (0: blind to word order)" if up_dev else ""))
     for row in probed:
-        print(f"  update {row['step']:>6}: upstream dev " + " ".join(f"{t} {100 * v:.1f}" for t, v in row["probe"].items())
-              + f" (mean {100 * row['probe_mean']:.1f})" + ("  <- saved" if row["step"] == report["kept_update"] else ""))
+        scores = " ".join(f"{t} {100 * v:.1f}" for t, v in row["probe"].items())
+        saved = "  <- saved" if row["step"] == report["kept_update"] else ""
+        print(f"  update {row['step']:>6}: upstream dev {scores} (mean {100 * row['probe_mean']:.1f}){saved}")
     return 0
 
 
