@@ -210,7 +210,8 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
 
     ``probe(model) -> {name: score}`` (higher is better) runs every ``probe_every`` updates and at the
     end; its scores and their mean go into the history row. With ``keep_best_probe`` the model ends
-    with the weights of the probe with the best mean (earliest on ties) instead of the last ones."""
+    with the weights of the probe with the best mean (earliest on ties) instead of the last ones, and
+    that row is marked ``"kept": True``."""
     groups = position_bias_groups(model, 0.01, position_lr_scale)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
@@ -256,7 +257,9 @@ def pretrain(model, mixture, heldout, steps, batch_size, lr, warmup, supervised_
         if out_of_time:
             log.warning("stopped after %d of %d updates: max_seconds=%s reached", step + 1, steps, max_seconds)
             break
-    if best is not None and best[1] != history[-1]["step"]:
-        model.load_state_dict(best[2])
-        log.info("kept the weights of update %d (best mean probe score %.4f)", best[1], best[0])
+    if best is not None:
+        next(row for row in history if row["step"] == best[1])["kept"] = True
+        if best[1] != history[-1]["step"]:
+            model.load_state_dict(best[2])
+            log.info("kept the weights of update %d (best mean probe score %.4f)", best[1], best[0])
     return history

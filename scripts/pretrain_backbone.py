@@ -116,9 +116,9 @@ def main(argv=None):
                                  max_seconds=a.max_seconds, position_lr_scale=a.position_lr_scale,
                                  probe=probe if probe_sets else None, probe_every=a.probe_every,
                                  keep_best_probe=a.keep_best_probe) if a.steps else []
-    probed = [row for row in report["history"] if "probe" in row]
-    report["kept_update"] = max(probed, key=lambda r: r["probe_mean"])["step"] if a.keep_best_probe and probed \
-        else (report["history"][-1]["step"] if report["history"] else 0)
+    probed = [row for row in report["history"] if "probe" in row]  # the last row is always probed
+    kept = next((row for row in probed if row.get("kept")), probed[-1] if probed else None)  # the saved weights
+    report["kept_update"] = kept["step"] if kept else (report["history"][-1]["step"] if report["history"] else 0)
     report["heldout_loss"] = heldout_loss(model, heldout, device, ctx)
     # mean |change of a row's loss| when its input words are shuffled, on upstream dev rows: 0 for a
     # model blind to word order (on span-corruption batches it barely moves either way)
@@ -127,7 +127,7 @@ def main(argv=None):
         model, supervised_batches(tok, up_dev, a.heldout_batches, a.batch_size, a.max_input_length,
                                   a.max_target_length, a.seed + 2), device, ctx) if up_dev else None
     report["updates"] = report["history"][-1]["step"] if report["history"] else 0
-    report["upstream_dev_scores"] = probe(model) if probe_sets else {}  # of the saved weights
+    report["upstream_dev_scores"] = kept["probe"] if kept else (probe(model) if probe_sets else {})  # saved weights
     report["seconds"] = round(time.time() - t0, 1)
     model.config.dropout_rate = a.dropout  # the saved config: what delta tuning runs with
     save_backbone(model.cpu(), tok, tmp, dtype=torch.bfloat16)  # half the size; loaded back as float32

@@ -87,6 +87,7 @@ def test_probe_rows_and_the_kept_weights(tiny_backbone, keep_best):
                        keep_best_probe=keep_best)
     assert [r["step"] for r in history] == [2, 4, 6, 7]  # every 2 updates, and the last
     assert [r["probe_mean"] for r in history] == pytest.approx([0.2, 0.7, 0.2, 0.6])
+    assert [r.get("kept", False) for r in history] == [False, keep_best, False, False]
     assert all(not torch.equal(seen[i]["shared.weight"], seen[i + 1]["shared.weight"]) for i in range(3))
     kept = seen[1] if keep_best else seen[3]
     for k, v in model.state_dict().items():
