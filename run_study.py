@@ -44,7 +44,8 @@ model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
 inits = ["average", "manual"]  # baseline initialisations besides random: average (all other sources), manual (group)
 groups = []  # manual groups ("a b c" each); default task_list.BUNDLED_GROUPS restricted to the tasks
-scores = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "Cosine"]  # one softmax init per score (or GraNd)
+scores = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", "Cosine", "Euclidean",
+          "Performance"]  # one softmax init per score (every score of the paper)
 temperatures = []  # Name=T overrides of the softmax temperatures (pewe.study.TEMPERATURES: Loss 0.1, Cosine 0.001, ...)
 per_token = True  # temperatures of summed scores are per label token (GraNd: per batch): T x count
 seeds = [42, 43, 44]  # target seeds: delta init, data order, dropout (the first also gives the reference deltas)
@@ -64,6 +65,8 @@ truncation_side = "auto"  # auto (left for bAbI, right otherwise), left or right
 sim_num_batches = 1  # dev batches the forward scores read, 0 = all (the original: the first)
 sim_batch_size = 50  # dev batch size of the similarity scores (the original: 50)
 grand_batches = 10  # GraNd dev batches, 0 = all (the original: 10)
+pair_train_iters = 200  # Euclidean / Performance: updates of each source delta on each target (the original: 200)
+pair_valid_interval = 50  # Euclidean / Performance: validate the short tunings every this many updates (original: 50)
 adapter_type = "houlsby"  # houlsby (swish, after attention and FFN) or pfeiffer (relu, after FFN)
 adapter_size = 12  # adapter bottleneck width
 lora_r = 10  # LoRA rank

@@ -6,7 +6,8 @@ For every delta method, with the backbone loaded once:
   random      tune every target on its few-shot split from a random init, once per seed: the
               "random" baseline, and (first seed) the reference delta that KL and weight Cosine need
   similarity  score every source on every target (its few-shot dev split): the logit scores of
-              ``pewe.similarity`` from one forward per source, GraNd, and the weight Cosine
+              ``pewe.similarity`` from one forward per source, GraNd, the weight Cosine, and
+              Euclidean / Performance from a short tuning of every other source on the target
   ensemble    initial deltas per target: ``average`` (all other sources), ``manual`` (the other
               members of the target's group) and one ``softmax(sign * score / T)`` per score
   targets     tune every target from every initialisation, once per seed; record the dev score at
@@ -20,6 +21,8 @@ Layout of ``output_dir``::
   {method}/targets/{init}/seed_{s}/     one tune_hps_singletask.py output_dir per (init, seed);
                                         init "random" is the baseline (step random)
   {method}/similarity/parts/{target}.json  every score of every source for one target
+  {method}/pairs/{target}/{source}/     the source delta tuned ``pair_train_iters`` updates on the
+                                        target (tune_all_ckpt.py's layout; Euclidean, Performance)
   {method}/similarity/{score}/result.tsv   the original's layout, + scores.json (sign, options)
   {method}/init/{init}/without_{target}_checkpoint.safetensors (+ .json: weights, temperature),
                        final_weight.txt, weights.csv, weights.json, hot_pic_all.png
@@ -48,8 +51,11 @@ Choices (documented here, shown in the report):
   and, for a label probability p between 0.2 and 0.8, move about half as much as -log p does, so half
   of Loss's temperature gives the same sharpness. GraNd 1.0 per batch: no reference value exists;
   the report's "effective sources" column (1 / sum w^2) shows whether a temperature is degenerate;
-- Euclidean and Performance need a short tuning of every (source, target) pair (tune_all_ckpt.py):
-  not part of this study;
+- Euclidean and Performance (the paper's temperatures 0.1 and 0.001) tune every other source delta on
+  the target's few-shot split for ``pair_train_iters`` updates (seed ``source_seed``, validation every
+  ``pair_valid_interval``), as tune_all_ckpt.py does; Euclidean is the distance from the source delta
+  to its best tuned delta, Performance that delta's dev score minus the source's zero-shot dev score
+  (dev_all_ckpt.py). They are the costliest scores: (tasks - 1) short tunings per target;
 - the dev score is recorded at each step budget (pewe.trainer.train's ``step_budgets``); the test
   score only after early stopping: scoring test at the budgets would need a hook in the trainer. A
   budget beyond the update at which a run stopped has no score (blank in report.csv, "—" in tables).
@@ -76,11 +82,12 @@ log = logging.getLogger("pewe")
 
 STEPS = ("sources", "random", "similarity", "ensemble", "targets", "report")
 BASELINES = ("average", "manual")  # initialisations that need no score
-WEIGHT_SCORES = {"Cosine": +1}  # scores of the weights alone (pewe.delta_scores): sign
-STUDY_SCORES = ("Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", "Cosine")
+DELTA_SCORES = ("Cosine", "Euclidean", "Performance")  # computed from delta files (pewe.delta_scores)
+PAIR_SCORES = ("Euclidean", "Performance")  # those that need the short tuning of every (target, source) pair
+STUDY_SCORES = ("Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", *DELTA_SCORES)
 # softmax temperatures, per label token for sum-reduced scores and per batch for GraNd when per_token
 TEMPERATURES = {"Loss": 0.1, "KL": 0.1, "EL2N": 0.05, "Cosine_of_Logits_and_Labels": 0.05, "GraNd": 1.0,
-                "Cosine": 0.001}
+                "Cosine": 0.001, "Euclidean": 0.1, "Performance": 0.001}
 FLAG_SHARE = 0.5  # a test set whose most frequent answer exceeds this share is flagged
 EARLY = "early_stop"  # the budget name of the early-stopped best delta in report.csv
 
@@ -141,10 +148,11 @@ def parse_temperatures(items) -> dict:
 
 
 def score_sign(name) -> int:
+    from pewe.ensemble import WEIGHT_SCORE_SIGN
     from pewe.similarity import SCORES
 
-    if name in WEIGHT_SCORES:
-        return WEIGHT_SCORES[name]
+    if name in DELTA_SCORES:
+        return WEIGHT_SCORE_SIGN[name]
     return 1 if SCORES[name].higher_is_more_similar else -1
 
 
@@ -173,8 +181,7 @@ def plan(a) -> SimpleNamespace:
     scores = list(dict.fromkeys(a.scores))
     bad = [s for s in scores if s not in STUDY_SCORES]
     if bad:
-        raise StudyError(f"--scores: {', '.join(bad)} not supported here; expected some of {', '.join(STUDY_SCORES)} "
-                         "(Euclidean and Performance need tune_all_ckpt.py / dev_all_ckpt.py per pair)")
+        raise StudyError(f"--scores: {', '.join(bad)} not supported here; expected some of {', '.join(STUDY_SCORES)}")
     inits = list(dict.fromkeys(a.inits))
     bad = [i for i in inits if i not in BASELINES]
     if bad:
@@ -240,6 +247,10 @@ def init_path(p, method, init, target) -> Path:
 
 def part_path(p, method, target) -> Path:
     return p.out / method / "similarity" / "parts" / f"{target}.json"
+
+
+def pairs_dir(p, method) -> Path:
+    return p.out / method / "pairs"
 
 
 def reference_path(p, method, target) -> Path:
@@ -395,8 +406,8 @@ def score_target(engine, a, p, method, target, sources, names) -> dict:
     source, the weight Cosine from the files."""
     from pewe.similarity import SCORES
 
-    engine_scores = [s for s in names if s not in WEIGHT_SCORES]
-    needs_ref = any(SCORES[s].needs_reference for s in engine_scores) or any(s in WEIGHT_SCORES for s in names)
+    engine_scores = [s for s in names if s not in DELTA_SCORES]
+    needs_ref = any(SCORES[s].needs_reference for s in engine_scores) or "Cosine" in names
     ref = reference_path(p, method, target) if needs_ref else None
     out = {}
     if engine_scores:
@@ -406,6 +417,52 @@ def score_target(engine, a, p, method, target, sources, names) -> dict:
         from pewe.delta_scores import cosine_scores
 
         out["Cosine"] = cosine_scores({target: ref}, sources, expect_method=method)[target]
+    pair_names = [s for s in names if s in PAIR_SCORES]
+    if pair_names:
+        out.update(pair_scores(engine, a, p, method, target, sources, pair_names))
+    return out
+
+
+def pair_scores(engine, a, p, method, target, sources, names) -> dict:
+    """{score: {source: value}} of Euclidean / Performance for one target: every other source delta
+    tuned ``pair_train_iters`` updates on the target's few-shot split (skipped when its result.json
+    exists, resumed when killed; the layout of tune_all_ckpt.py), then its zero-shot dev score."""
+    import dataclasses
+
+    from delta_modules import load_delta
+    from pewe import delta_scores as D
+    from pewe.trainer import score_rows
+    from pewe.transfer import eval_settings, load_target, tune_pair
+
+    ns = SimpleNamespace(task_dir=a.target_task_dir, model=str(a.model), seed=a.source_seed, do_predict=False,
+                         keep_resume=False, predict_batch_size=a.predict_batch_size, max_input_length=a.max_input_length,
+                         max_output_length=a.max_output_length, truncation_side=a.truncation_side)
+    model, tokenizer, device = engine.model, engine.tokenizer, engine.device
+    settings = dataclasses.replace(eval_settings(ns, engine.options.precision), learning_rate=a.learning_rate,
+                                   batch_size=a.batch_size, train_iters=a.pair_train_iters,
+                                   valid_interval=a.pair_valid_interval, log_interval=a.pair_valid_interval,
+                                   early_stop=0)
+    others = {s: path for s, path in sources.items() if s != target}
+    data = load_target(ns, tokenizer, target, ("train", "dev"))
+    root = pairs_dir(p, method)
+    for source, path in others.items():
+        pair_dir = root / target / source
+        if (pair_dir / "result.json").is_file():
+            log.info("%s: already done, skipping", pair_dir / "result.json")
+            continue
+        r = tune_pair(model, tokenizer, data, source, path, ns, settings, device, pair_dir)
+        log.info("%s <- %s: dev %.4f after the short tuning (best at %d)", target, source, r["dev_score"], r["best_step"])
+    out = {}
+    if "Euclidean" in names:
+        out["Euclidean"] = D.euclidean_scores(others, root, [target], "best", expect_method=method)[target]
+    if "Performance" in names:
+        zero = {}
+        for source, path in others.items():
+            load_delta(model, path)
+            zero[source], _ = score_rows(model, tokenizer, data.dev, data.metric, settings,
+                                         device, desc=f"{source} on {target}")
+        tuned = D.read_tuned_scores(root, [target], list(others), "best")
+        out["Performance"] = D.performance_scores(tuned, {target: zero}, [target], list(others))[target]
     return out
 
 
@@ -433,12 +490,14 @@ def write_similarity_files(a, p, method, options):
         sources = list(next(iter(table.values()), {}))
         out = p.out / method / "similarity" / score
         extra = {"sources": sources, "model": str(a.model), "task_dir": str(a.target_task_dir)}
-        if score in WEIGHT_SCORES:
+        if not table:
+            continue  # no target has this score yet (another method's, or not run)
+        if score in DELTA_SCORES:
             atomic_write_text(out / "result.tsv", format_result(table))
-            meta = {"metric": score, "higher_is_more_similar": WEIGHT_SCORES[score] > 0, "files": ["result.tsv"],
+            meta = {"metric": score, "higher_is_more_similar": score_sign(score) > 0, "files": ["result.tsv"],
                     "options": dataclasses.asdict(options), **extra}
             atomic_write_text(out / "scores.json", json.dumps(meta, indent=1))
-        elif table:
+        else:
             write_results(out, score, {"": table}, options, extra)
 
 
@@ -449,7 +508,7 @@ def effective_temperature(a, p, score, part) -> float:
     from pewe.similarity import SCORES
 
     t = p.temperatures[score]
-    if not a.per_token or score in WEIGHT_SCORES:
+    if not a.per_token or score in DELTA_SCORES:
         return t
     spec = SCORES[score]
     if spec.kind == "grad":
@@ -666,7 +725,7 @@ def temperature_text(a, p, init) -> str:
     if init in BASELINES:
         return "—"
     unit = ""
-    if a.per_token and init not in WEIGHT_SCORES:
+    if a.per_token and init not in DELTA_SCORES:
         spec = SCORES[init]
         unit = " per batch" if spec.kind == "grad" else " per token" if spec.reduction == "sum" else ""
     return f"{p.temperatures[init]:g}{unit}"

@@ -2,6 +2,7 @@
 a rerun trains nothing, shards + a report step equal one run, and the majority-answer flag."""
 import csv
 import json
+import math
 import shutil
 import statistics
 from collections import Counter
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import dev_all_ckpt
 import run_study
 from conftest import TINY_TASKS, write_task
 from pewe import study
@@ -149,6 +152,45 @@ def test_a_score_added_later_keeps_the_old_scores(full, tiny_backbone, tiny_task
     assert len(list((out / "adapter" / "init" / "EL2N").glob("without_*_checkpoint.safetensors"))) == 3
 
 
+def test_pair_scores_follow_their_definitions(full, tiny_backbone, tiny_tasks, tmp_path):
+    """Euclidean and Performance: every other source is tuned on each target (pairs/); the distance
+    is summed over tensors here by hand, the gain taken over the zero-shot dev score that the
+    stand-alone dev_all_ckpt.py gives; the weights are softmax(sign * score / T) with the paper's T."""
+    out = tmp_path / "pairs"
+    shutil.copytree(full, out)
+    run(*args(tiny_backbone, tiny_tasks, out, "--steps", "similarity", "ensemble", "--scores", "Loss", "Euclidean",
+              "Performance", "--pair_train_iters", "8", "--pair_valid_interval", "4"))
+    assert dev_all_ckpt.main([
+        "--model", str(tiny_backbone), "--tokenizer_path", str(tiny_backbone), "--task_dir", str(tiny_tasks),
+        "--test_checkpoint", str(full / "adapter" / "sources"), "--output_dir", str(tmp_path / "dev_all"),
+        "--tune_method", "adapter", "--apply_adapter", "--adapter_size", "4", "--predict_batch_size", "16",
+        "--max_output_length", "8", "--device", "cpu", "--precision", "fp32", "--quiet", "--progress=false"]) == 0
+    zero_shot = json.loads((tmp_path / "dev_all" / "result.json").read_text())
+    for target in TINY_TASKS:
+        part = json.loads((out / "adapter" / "similarity" / "parts" / f"{target}.json").read_text())
+        others = [s for s in TINY_TASKS if s != target]
+        assert sorted(part["scores"]["Euclidean"]) == sorted(part["scores"]["Performance"]) == sorted(others)
+        for source in others:
+            pair = out / "adapter" / "pairs" / target / source
+            r = json.loads((pair / "result.json").read_text())
+            assert r["updates"] == 8 and r["source"] == source
+            src = load_file(str(next((full / "adapter" / "sources" / source).glob("checkpoint-best*.safetensors"))))
+            best, last = load_file(str(pair / "checkpoint-best.safetensors")), load_file(str(pair / "checkpoint-last.safetensors"))
+            assert sorted(best) == sorted(src) and any(not torch.equal(src[k], last[k]) for k in src)  # it was tuned
+            distance = math.fsum(float(torch.linalg.vector_norm(src[k].double() - best[k].double())) for k in src)
+            assert part["scores"]["Euclidean"][source] == pytest.approx(distance, rel=1e-9, abs=1e-12)
+            assert part["scores"]["Performance"][source] == pytest.approx(r["dev_score"] - zero_shot[target][source])
+        for score, sign, temperature in (("Euclidean", -1, 0.1), ("Performance", +1, 0.001)):
+            values = {s: sign * part["scores"][score][s] / temperature for s in others}
+            top = max(values.values())
+            expected = {s: math.exp(v - top) for s, v in values.items()}
+            total = sum(expected.values())
+            side = out / "adapter" / "init" / score / f"without_{target}_checkpoint.json"
+            weights = json.loads(side.read_text())["weights"]
+            assert weights == pytest.approx({s: w / total for s, w in expected.items()})
+    assert "Loss" in part["scores"] and (out / "adapter" / "similarity" / "Euclidean" / "result.tsv").is_file()
+
+
 def test_shards_then_report_equal_one_run(full, tiny_backbone, tiny_tasks, tmp_path):
     out = tmp_path / "sharded"
     reuse = ["--source_dir", full / "{method}" / "sources"]  # the same source deltas, reused
@@ -180,7 +222,7 @@ def test_majority_answer_flag(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--steps", "bogus"], "unknown step(s) bogus"),
-    (["--scores", "Euclidean"], "Euclidean not supported here"),
+    (["--scores", "Euclid"], "Euclid not supported here"),
     (["--shard", "2/2"], "--shard 2/2: expected i/n with 0 <= i < n"),
     (["--temperatures", "Loss=-1"], "is not Name=T with a positive T"),
 ])
