@@ -55,7 +55,9 @@ Choices (documented here, shown in the report):
   the target's few-shot split for ``pair_train_iters`` updates (seed ``source_seed``, validation every
   ``pair_valid_interval``), as tune_all_ckpt.py does; Euclidean is the distance from the source delta
   to its best tuned delta, Performance that delta's dev score minus the source's zero-shot dev score
-  (dev_all_ckpt.py). They are the costliest scores: (tasks - 1) short tunings per target;
+  (dev_all_ckpt.py); as the original, the Performance initialisation averages the tuned deltas (each
+  has seen the target's few-shot data), every other one the source deltas. They are the costliest
+  scores: (tasks - 1) short tunings per target;
 - the dev score is recorded at each step budget (pewe.trainer.train's ``step_budgets``); the test
   score only after early stopping: scoring test at the budgets would need a hook in the trainer. A
   budget beyond the update at which a run stopped has no score (blank in report.csv, "—" in tables).
@@ -549,6 +551,7 @@ def step_ensemble(bench, a, p, method):
     """Write each target's initial delta (skipped when present, refused when its weights changed),
     then rebuild each initialisation's summary files over every target done so far."""
     from pewe import ensemble as E
+    from pewe.delta_scores import tuned_checkpoint
 
     sources = source_checkpoints(a, p, method)
     for init in p.init_names:
@@ -568,11 +571,17 @@ def step_ensemble(bench, a, p, method):
                 log.info("%s: already done, skipping", path)
                 continue
             pending[target], metas[target] = weights, meta
-        # each source is read once for all pending targets (not once per target)
-        for target, tensors, config in E.weighted_averages(pending, sources, expect_method=method):
-            weights = pending[target]
-            save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=weights,
-                       sources={s: str(Path(sources[s]).resolve()) for s in weights}, **metas[target])
+        if init == "Performance":  # as the original: the *tuned* deltas of the short tunings, per target
+            for target, weights in pending.items():
+                tuned = {s: tuned_checkpoint(pairs_dir(p, method), target, s) for s in weights}
+                tensors, config = E.weighted_average([(tuned[s], w) for s, w in weights.items()], method)
+                save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=weights,
+                           sources={s: str(path.resolve()) for s, path in tuned.items()}, **metas[target])
+        else:  # each source is read once for all pending targets (not once per target)
+            for target, tensors, config in E.weighted_averages(pending, sources, expect_method=method):
+                weights = pending[target]
+                save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=weights,
+                           sources={s: str(Path(sources[s]).resolve()) for s in weights}, **metas[target])
         write_init_summary(p, method, init)
 
 

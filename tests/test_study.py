@@ -188,6 +188,15 @@ def test_pair_scores_follow_their_definitions(full, tiny_backbone, tiny_tasks, t
             side = out / "adapter" / "init" / score / f"without_{target}_checkpoint.json"
             weights = json.loads(side.read_text())["weights"]
             assert weights == pytest.approx({s: w / total for s, w in expected.items()})
+            # the averaged deltas: the tuned ones for Performance (as the original), the sources otherwise
+            averaged = {s: load_file(str(out / "adapter" / "pairs" / target / s / "checkpoint-best.safetensors"))
+                        if score == "Performance" else
+                        load_file(str(next((full / "adapter" / "sources" / s).glob("checkpoint-best*.safetensors"))))
+                        for s in others}
+            init = load_file(str(side.with_suffix(".safetensors")))
+            for k, v in init.items():
+                want = sum(weights[s] * averaged[s][k].double() for s in others)
+                torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-6)
     assert "Loss" in part["scores"] and (out / "adapter" / "similarity" / "Euclidean" / "result.tsv").is_file()
 
 
