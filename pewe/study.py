@@ -405,7 +405,7 @@ def part_info(engine, a, options, target) -> dict:
 
 def score_target(engine, a, p, method, target, sources, names) -> dict:
     """{score: {source: value}} of ``names`` for one target: the engine's scores from one pass per
-    source, the weight Cosine from the files."""
+    source, the weight Cosine from the files, Euclidean / Performance from the short tunings."""
     from pewe.similarity import SCORES
 
     engine_scores = [s for s in names if s not in DELTA_SCORES]
