@@ -3,11 +3,13 @@
 1. held-out span-corruption loss of the backbone vs the same architecture at random init
    (from the backbone's pretrain_report.json);
 2. zero-shot test score on the upstream tasks (trained supervised in pretraining) vs the majority answer;
-3. per bundled task, the test score of a source adapter tuned on the full split vs the majority answer;
-4. 64-shot adapter tuning of a few targets from random init vs from a related source's delta, dev score
-   at several step budgets, over several seeds.
+3. per bundled task, the test score of a source delta (``method``: adapter by default) tuned on the
+   full split vs the majority answer;
+4. 64-shot tuning of a few targets (the same method) from random init vs from a related source's
+   delta, dev score at several step budgets, over several seeds.
 
     python scripts/backbone_report.py                     # -> runs/backbone_report/report.md
+    python scripts/backbone_report.py --method lora --output_dir runs/backbone_report_lora
 Every step reuses finished runs (tune_hps_singletask.py skips them), so an interrupted report resumes.
 """
 import json
@@ -24,7 +26,8 @@ from task_list import STUDY_TASKS, UPSTREAM_TASKS  # noqa: E402
 model = str(DEFAULT_MODEL)  # the backbone folder to measure
 output_dir = str(REPO / "runs" / "backbone_report")  # runs and report.md
 upstream_tasks = list(UPSTREAM_TASKS)  # tasks whose zero-shot test score is measured (the backbone trained on them)
-source_tasks = list(STUDY_TASKS)  # tasks whose source adapter is measured against the majority answer
+method = "adapter"  # delta method of the source and 64-shot runs: adapter, lora or prefix (their default sizes)
+source_tasks = list(STUDY_TASKS)  # tasks whose source delta is measured against the majority answer
 source_iters = 1000  # updates of each source adapter on its full split
 source_valid_interval = 250  # validation interval of the source runs (the best validation is kept)
 source_early_stop = 0  # stop a source run after this many validations without improvement (0: never)
@@ -35,9 +38,13 @@ learning_rate = 5e-4  # the original's learning rate, for every run
 extra = []  # more flags for every tune_hps_singletask.py call (e.g. --device cuda)
 
 
+# tune_hps_singletask.py's default size of each method (what the runs use)
+SIZES = {"adapter": "Adapter (houlsby, 12)", "lora": "LoRA (r 10, alpha 16)", "prefix": "Prefix (120 vectors, MLP 24)"}
+
+
 def tune(args, a):
     cmd = [sys.executable, str(REPO / "tune_hps_singletask.py"), "--do_train", "--do_predict",
-           "--model", a.model, "--tokenizer_path", a.model, "--tune_method", "adapter", "--apply_adapter",
+           "--model", a.model, "--tokenizer_path", a.model, "--tune_method", a.method, f"--apply_{a.method}",
            "--learning_rate_list", str(a.learning_rate), "--quiet", *map(str, args), *a.extra]
     subprocess.run(cmd, check=True)
 
@@ -81,6 +88,9 @@ def main(argv=None):
     from pewe.configurator import configure
 
     a = configure(globals(), __file__, argv)
+    if a.method not in SIZES:
+        print(f"error: --method must be one of {', '.join(SIZES)}, not {a.method!r}", file=sys.stderr)
+        return 1
     missing = sorted({p.split(":")[1] for p in a.pairs} - set(a.source_tasks))
     if missing:
         print(f"error: --pairs name sources that are not --source_tasks: {missing}", file=sys.stderr)
@@ -116,11 +126,11 @@ def main(argv=None):
         tune(["--task_dir", REPO / "data" / "full", "--output_dir", src, "--tasks", *a.source_tasks,
               "--train_iters", a.source_iters, "--valid_interval", a.source_valid_interval,
               "--log_interval", a.source_valid_interval, "--early_stop", a.source_early_stop], a)
-        lines += ["## Source adapters (full split) vs the majority answer", "",
-                  f"Adapter (houlsby, 12), lr {a.learning_rate}, batch 8, at most {a.source_iters} updates, best of "
+        lines += [f"## Source {a.method} deltas (full split) vs the majority answer", "",
+                  f"{SIZES[a.method]}, lr {a.learning_rate}, batch 8, at most {a.source_iters} updates, best of "
                   f"validations every {a.source_valid_interval} (early stop after {a.source_early_stop} without "
                   f"improvement; 0: none); test split.", "",
-                  "| task | metric | source adapter | majority answer | majority guess | upstream? |",
+                  f"| task | metric | source {a.method} | majority answer | majority guess | upstream? |",
                   "|---|---|---|---|---|---|"]
         beat = clear = 0
         for task in a.source_tasks:
@@ -130,7 +140,7 @@ def main(argv=None):
             clear += r["test_score"] > maj + 0.05
             lines.append(f"| {task} | {r['metric']} | {100 * r['test_score']:.1f} | {100 * maj:.1f} | {guess} | "
                          f"{'yes' if task in UPSTREAM_TASKS else ''} |")
-        lines += ["", f"The source adapter beats the majority answer on {beat} of {len(a.source_tasks)} tasks, by "
+        lines += ["", f"The source {a.method} beats the majority answer on {beat} of {len(a.source_tasks)} tasks, by "
                   f"more than 5 points on {clear}.", ""]
 
     if a.pairs:
