@@ -572,16 +572,15 @@ def step_ensemble(bench, a, p, method):
                 continue
             pending[target], metas[target] = weights, meta
         if init == "Performance":  # as the original: the *tuned* deltas of the short tunings, per target
-            for target, weights in pending.items():
-                tuned = {s: tuned_checkpoint(pairs_dir(p, method), target, s) for s in weights}
-                tensors, config = E.weighted_average([(tuned[s], w) for s, w in weights.items()], method)
-                save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=weights,
-                           sources={s: str(path.resolve()) for s, path in tuned.items()}, **metas[target])
+            used = {t: {s: tuned_checkpoint(pairs_dir(p, method), t, s) for s in w} for t, w in pending.items()}
+            made = ((t, *E.weighted_average([(used[t][s], w) for s, w in pending[t].items()], method))
+                    for t in pending)
         else:  # each source is read once for all pending targets (not once per target)
-            for target, tensors, config in E.weighted_averages(pending, sources, expect_method=method):
-                weights = pending[target]
-                save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=weights,
-                           sources={s: str(Path(sources[s]).resolve()) for s in weights}, **metas[target])
+            used = {t: {s: Path(sources[s]) for s in w} for t, w in pending.items()}
+            made = E.weighted_averages(pending, sources, expect_method=method)
+        for target, tensors, config in made:
+            save_delta(init_path(p, method, init, target), tensors, config, task=target, weights=pending[target],
+                       sources={s: str(path.resolve()) for s, path in used[target].items()}, **metas[target])
         write_init_summary(p, method, init)
 
 
