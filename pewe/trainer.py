@@ -11,7 +11,10 @@ correctly (the original stepped after the first micro-batch).
 
 Resumable: at every validation the delta, the optimizer state, the RNG state and the counters go
 into one ``resume.safetensors`` written atomically; a killed run started again continues from the
-last validation and ends with the same best delta as an uninterrupted run.
+last validation and ends with the same best delta as an uninterrupted run. A finished run that used
+its whole budget, started again with a larger ``train_iters``, continues from its last update (the
+schedule is constant and the data order a function of the epoch, so it ends as a run given the
+larger budget from the start would); a run that stopped early stays finished.
 """
 from __future__ import annotations
 
@@ -148,6 +151,20 @@ def save_resume(path, model, optimizer, params, counters: dict):
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
+def resume_counters(path) -> dict:
+    """The counters of a ``resume.safetensors`` (no tensors are read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["counters"])
+
+
+def can_extend(counters: dict, train_iters: int) -> bool:
+    """Whether a run with these counters continues when asked for ``train_iters`` updates: it is
+    finished, it used its whole budget (no early stop) and the new budget is larger."""
+    return counters["done"] and not counters.get("stopped_early", False) and counters["num_updates"] < train_iters
+
+
 def load_resume(path, model, optimizer, params, device) -> dict:
     from safetensors import safe_open
 
@@ -184,11 +201,14 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
     per_epoch = math.ceil(n_rows / settings.batch_size)
 
     c = {"num_updates": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": 0, "bad": 0,
-         "done": False, "budget_scores": {}, "history": []}
+         "done": False, "stopped_early": False, "budget_scores": {}, "history": []}
     set_seed(settings.seed)
     if resume_path.exists():
         c = load_resume(resume_path, model, optimizer, params, device)
         log.info("resuming %s at update %d (best %s at %d)", out_dir, c["num_updates"], c["best"], c["best_step"])
+        if can_extend(c, settings.train_iters):
+            c["done"] = False
+            log.info("extending %s from %d to %d updates", out_dir, c["num_updates"], settings.train_iters)
     elif init_checkpoint is not None:
         load_delta(model, init_checkpoint)
         log.info("initialised the delta from %s", init_checkpoint)
@@ -249,7 +269,7 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
                     log.info("%s update %d: dev %.4f, no gain %d/%d (best %.4f at %d)", meta.get("task", ""),
                              n, score, c["bad"], settings.early_stop, c["best"], c["best_step"])
                 if settings.early_stop > 0 and c["bad"] >= settings.early_stop:
-                    stop = True
+                    stop = c["stopped_early"] = True
                 save_resume(resume_path, model, optimizer, params, c)
             if stop or n >= settings.train_iters:
                 stop = True

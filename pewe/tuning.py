@@ -18,7 +18,7 @@ from delta_modules import DeltaConfig, DeltaError, attach_delta, find_checkpoint
 from pewe.atomic import atomic_write_text
 from pewe.data import DataError, list_tasks, read_tsv, split_path, split_prefixes, tokenize
 from pewe.metrics import metric_for
-from pewe.trainer import TrainSettings, score_rows, set_seed, train, write_predictions
+from pewe.trainer import TrainSettings, can_extend, resume_counters, score_rows, set_seed, train, write_predictions
 
 log = logging.getLogger("pewe")
 
@@ -66,9 +66,12 @@ def load_split(task_dir, task, prefix, split, tokenizer, a, one_row_per_answer):
 def run_one(model, tokenizer, task, prefix, lr, bsz, a, device, precision, run_dir, fresh_delta):
     """One (task, split, lr, bsz) run: train and/or predict; returns its result dict."""
     done = run_dir / "result.json"
+    resume = run_dir / "resume.safetensors"
     if done.exists():
-        log.info("%s: already done (%s), skipping", run_dir, done)
-        return json.loads(done.read_text())
+        if not (a.do_train and resume.exists() and can_extend(resume_counters(resume), a.train_iters)):
+            log.info("%s: already done (%s), skipping", run_dir, done)
+            return json.loads(done.read_text())
+        done.unlink()  # a finished run given a larger --train_iters continues (train() extends it)
     metric = metric_for(task)
     settings = TrainSettings(learning_rate=lr, batch_size=bsz, train_iters=a.train_iters,
                              valid_interval=a.valid_interval, log_interval=a.log_interval,

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import delta_modules as dm
+from pewe.trainer import can_extend
 from conftest import REPO, write_task
 
 FAST = ["--train_iters", "20", "--valid_interval", "10", "--log_interval", "10", "--predict_batch_size", "16",
@@ -175,3 +176,28 @@ def test_same_seed_same_tensors_and_sigkill_resume(tiny_backbone, tiny_tasks, tm
     assert all(torch.equal(best_a[x], best_k[x]) for x in best_a)
     assert all(torch.equal(last_a[x], last_k[x]) for x in last_a)
     assert (k / "result.tsv").read_text() == (a / "result.tsv").read_text()
+
+    # a finished run started again with a larger budget continues, and ends as the longer run
+    e = tmp_path / "extended"
+    short = [("60" if x == "120" else x) for x in LONG]
+    tune(base(tiny_backbone, tiny_tasks, e, *short))
+    run_e = e / "babi-qa1" / "runs" / "babi-qa1_64_42_lr_0.03_bsz_8"
+    assert json.loads((run_e / "result.json").read_text())["updates"] == 60
+    tune(base(tiny_backbone, tiny_tasks, e, *LONG))
+    assert f"extending {run_e} from 60 to 120 updates" in (e / "log.txt").read_text()
+    assert json.loads((run_e / "result.json").read_text())["updates"] == 120
+    best_e, last_e = _deltas(e)
+    assert all(torch.equal(best_a[x], best_e[x]) for x in best_a)
+    assert all(torch.equal(last_a[x], last_e[x]) for x in last_a)
+    assert (e / "result.tsv").read_text() == (a / "result.tsv").read_text()
+    tune(base(tiny_backbone, tiny_tasks, e, *short))  # a smaller budget than done: skipped, not cut
+    assert json.loads((run_e / "result.json").read_text())["updates"] == 120
+
+
+def test_only_runs_that_used_their_whole_budget_are_extended():
+    done = {"done": True, "num_updates": 100, "stopped_early": False}
+    assert can_extend(done, 200)
+    assert not can_extend(done, 100) and not can_extend(done, 50)
+    assert not can_extend({**done, "stopped_early": True}, 200)
+    assert not can_extend({**done, "done": False}, 200)  # still running or killed: that is a plain resume
+    assert can_extend({"done": True, "num_updates": 100}, 200)  # counters written before the flag existed
