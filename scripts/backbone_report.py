@@ -130,16 +130,16 @@ def main(argv=None):
                   f"{SIZES[a.method]}, lr {a.learning_rate}, batch 8, at most {a.source_iters} updates, best of "
                   f"validations every {a.source_valid_interval} (early stop after {a.source_early_stop} without "
                   f"improvement; 0: none); test split.", "",
-                  f"| task | metric | source {a.method} | majority answer | majority guess | upstream? |",
-                  "|---|---|---|---|---|---|"]
+                  f"| task | metric | source {a.method} | updates | majority answer | majority guess | upstream? |",
+                  "|---|---|---|---|---|---|---|"]
         beat = clear = 0
         for task in a.source_tasks:
             r = runs(src, task)[0]
             maj, guess = majority_score(task)
             beat += r["test_score"] > maj
             clear += r["test_score"] > maj + 0.05
-            lines.append(f"| {task} | {r['metric']} | {100 * r['test_score']:.1f} | {100 * maj:.1f} | {guess} | "
-                         f"{'yes' if task in UPSTREAM_TASKS else ''} |")
+            lines.append(f"| {task} | {r['metric']} | {100 * r['test_score']:.1f} | {r.get('updates', '')} | "
+                         f"{100 * maj:.1f} | {guess} | {'yes' if task in UPSTREAM_TASKS else ''} |")
         lines += ["", f"The source {a.method} beats the majority answer on {beat} of {len(a.source_tasks)} tasks, by "
                   f"more than 5 points on {clear}.", ""]
 
