@@ -8,11 +8,10 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import delta_modules as dm
-from pewe.trainer import can_extend
+from pewe.trainer import can_extend, resume_counters
 from conftest import REPO, write_task
 
 FAST = ["--train_iters", "20", "--valid_interval", "10", "--log_interval", "10", "--predict_batch_size", "16",
@@ -128,11 +127,6 @@ def test_unknown_option_is_refused(tiny_backbone, tiny_tasks, tmp_path):
 
 # ----------------------------------------------------------------------------- determinism and resume
 
-def _counters(path):
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["counters"])
-
-
 def _deltas(out):
     run = next((out / "babi-qa1" / "runs").glob("*"))
     best = load_file(str(run / "checkpoint-best.safetensors"))
@@ -160,14 +154,14 @@ def test_same_seed_same_tensors_and_sigkill_resume(tiny_backbone, tiny_tasks, tm
     while time.time() < deadline:
         if resume.exists():
             try:
-                if _counters(resume)["num_updates"] >= 30:
+                if resume_counters(resume)["num_updates"] >= 30:
                     break
             except Exception:  # the file is replaced atomically, but may vanish between exists() and open
                 pass
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _counters(resume)
+    killed_at = resume_counters(resume)
     assert not killed_at["done"] and 30 <= killed_at["num_updates"] < 120
     assert not (k / "babi-qa1" / "runs" / "babi-qa1_64_42_lr_0.03_bsz_8" / "result.json").exists()
     tune(base(tiny_backbone, tiny_tasks, k, *LONG))
