@@ -24,17 +24,21 @@ import weakref
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
+from safetensors.torch import load_file, save
 from torch import nn
-
-from pewe.atomic import atomic_write_bytes, atomic_write_text
-from pewe.errors import UserError
+from transformers import AttentionInterface
+from transformers.models.t5.modeling_t5 import eager_attention_forward
 
 METHODS = ("adapter", "lora", "prefix")
+SHAPE_FIELDS = {"adapter": ("adapter_type", "adapter_size"), "lora": ("lora_r", "lora_alpha"),
+                "prefix": ("prefix_num", "prefix_r")}  # the config fields each method's tensors depend on
 ADAPTER_TYPES = {"houlsby": nn.SiLU, "pfeiffer": nn.ReLU}
 PREFIX_ATTENTION = "pewe_prefix_eager"
 
 
-class DeltaError(UserError):
+class DeltaError(ValueError):
     """A delta config or checkpoint that does not fit the model or the request."""
 
 
@@ -56,9 +60,7 @@ class DeltaConfig:
 
     def fields(self) -> dict:
         """The fields that shape this method's tensors (what two deltas must share to be averaged)."""
-        keep = {"adapter": ("adapter_type", "adapter_size"), "lora": ("lora_r", "lora_alpha"),
-                "prefix": ("prefix_num", "prefix_r")}[self.method]
-        return {"method": self.method, **{k: getattr(self, k) for k in keep}}
+        return {"method": self.method, **{k: getattr(self, k) for k in SHAPE_FIELDS[self.method]}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeltaConfig":
@@ -153,8 +155,6 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     position j and real token t at P + t: real-real distances are unchanged, and the prefix columns
     of the bias come from the stack's layer-0 ``compute_bias``.
     """
-    from transformers.models.t5.modeling_t5 import eager_attention_forward
-
     ref = getattr(module, "_pewe_prefix", None)
     if ref is not None:
         stack, layer_idx = ref[0](), ref[1]
@@ -177,15 +177,11 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _register_prefix_attention():
-    import transformers
-    from packaging.version import Version
-    from transformers import AttentionInterface
-
     # Older T5 code (seen with 5.17) does not call registered attention functions: the prefix would
     # silently do nothing. 5.24 is the version this was built and tested on.
     if Version(transformers.__version__) < Version("5.24"):
         raise DeltaError(f"prefix deltas need transformers >= 5.24 (found {transformers.__version__})")
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask  # after the check: older versions lack it
 
     AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
     # Without a mask function under the same name every padding and causal mask silently vanishes.
@@ -195,7 +191,53 @@ def _register_prefix_attention():
 # --------------------------------------------------------------------------- attach
 
 def _stacks(model):
-    return [("encoder", model.encoder), ("decoder", model.decoder)]
+    return [model.encoder, model.decoder]
+
+
+def _sublayers(model):
+    """(layer, its T5Attention or None for the FFN layer) in module order: encoder self-attention, FFN;
+    decoder self-attention, cross-attention, FFN; block by block."""
+    for stack in _stacks(model):
+        for block in stack.block:
+            for layer in block.layer:
+                yield layer, getattr(layer, "SelfAttention", None) or getattr(layer, "EncDecAttention", None)
+
+
+def _attach_adapters(model, config: DeltaConfig):
+    """houlsby: after every attention output projection and every FFN; pfeiffer: after every FFN.
+    Created in module order, so a seed gives the same initial adapters as it always has."""
+    for layer, attn in _sublayers(model):
+        if attn is None:
+            site = layer.DenseReluDense
+        elif config.adapter_type == "houlsby":
+            site = attn.o
+        else:
+            continue
+        site.adapter = Adapter(model.config.d_model, config.adapter_size, config.adapter_type)
+        site.register_forward_hook(_adapter_hook)
+
+
+def _attach_lora(model, config: DeltaConfig):
+    for _, attn in _sublayers(model):
+        for lin in (attn.q, attn.v) if attn is not None else ():
+            lin.lora = LoRA(lin.in_features, lin.out_features, config.lora_r, config.lora_alpha)
+            lin.register_forward_hook(_lora_hook)
+
+
+def _attach_prefix(model, config: DeltaConfig):
+    c = model.config
+    _register_prefix_attention()
+    for stack in _stacks(model):
+        stack.prefix = Prefix(c.d_model, len(stack.block), c.num_heads, c.d_kv, config.prefix_num, config.prefix_r)
+        stack.register_forward_pre_hook(_prefix_stack_pre_hook, with_kwargs=True)
+        stack.register_forward_hook(_prefix_stack_hook, with_kwargs=True)
+        for i, block in enumerate(stack.block):
+            # a weak reference, so the stack is not registered as a child of its own attention
+            block.layer[0].SelfAttention._pewe_prefix = (weakref.ref(stack), i)
+    model.set_attn_implementation(PREFIX_ATTENTION)
+
+
+ATTACH = {"adapter": _attach_adapters, "lora": _attach_lora, "prefix": _attach_prefix}
 
 
 def attach_delta(model, config: DeltaConfig):
@@ -204,39 +246,10 @@ def attach_delta(model, config: DeltaConfig):
         raise DeltaError(f"model already carries a {model.delta_config.method} delta")
     for p in model.parameters():
         p.requires_grad_(False)
-    c = model.config
-    for _, stack in _stacks(model):
-        for block in stack.block:
-            for layer in block.layer:
-                attn = getattr(layer, "SelfAttention", None) or getattr(layer, "EncDecAttention", None)
-                if config.method == "adapter":
-                    if attn is not None and config.adapter_type == "houlsby":
-                        site = attn.o
-                    elif attn is None:
-                        site = layer.DenseReluDense
-                    else:
-                        continue
-                    site.adapter = Adapter(c.d_model, config.adapter_size, config.adapter_type)
-                    site.register_forward_hook(_adapter_hook)
-                elif config.method == "lora" and attn is not None:
-                    for lin in (attn.q, attn.v):
-                        lin.lora = LoRA(lin.in_features, lin.out_features, config.lora_r, config.lora_alpha)
-                        lin.register_forward_hook(_lora_hook)
-        if config.method == "prefix":
-            stack.prefix = Prefix(c.d_model, len(stack.block), c.num_heads, c.d_kv,
-                                  config.prefix_num, config.prefix_r)
-            stack.register_forward_pre_hook(_prefix_stack_pre_hook, with_kwargs=True)
-            stack.register_forward_hook(_prefix_stack_hook, with_kwargs=True)
-            for i, block in enumerate(stack.block):
-                # a weak reference, so the stack is not registered as a child of its own attention
-                block.layer[0].SelfAttention._pewe_prefix = (weakref.ref(stack), i)
-    if config.method == "prefix":
-        _register_prefix_attention()
-        model.set_attn_implementation(PREFIX_ATTENTION)
+    ATTACH[config.method](model, config)
     model.delta_config = config
-    dev = next(model.parameters()).device
-    model.to(dev)
-    for name, p in delta_named_parameters(model):
+    model.to(next(model.parameters()).device)
+    for _, p in delta_named_parameters(model):
         p.requires_grad_(True)
     return model
 
@@ -260,26 +273,38 @@ def count_delta_parameters(model) -> int:
 
 # --------------------------------------------------------------------------- checkpoints
 
+def write_file_atomically(path, data: bytes):
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path``: a reader, or a run resumed after a kill, sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _sidecar(path) -> Path:
     return Path(path).with_suffix(".json")
 
 
 def save_delta(path, state: dict, config: DeltaConfig, **meta):
     """Write ``path`` (.safetensors, delta tensors only) and its ``.json`` config, each atomically."""
-    from safetensors.torch import save
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DeltaError(f"{path}: a delta checkpoint must end in .safetensors")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write_text(_sidecar(path), json.dumps({"delta": dataclasses.asdict(config), **meta}, indent=1))
-    atomic_write_bytes(path, save(tensors))
+    write_file_atomically(_sidecar(path), json.dumps({"delta": dataclasses.asdict(config), **meta}, indent=1).encode())
+    write_file_atomically(path, save(tensors))
 
 
 def read_delta(path):
     """(tensors, DeltaConfig, meta) of a delta checkpoint; never unpickles anything."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise DeltaError(f"{path}: no such delta checkpoint")
@@ -330,20 +355,6 @@ def load_delta(model, path):
     return meta
 
 
-def find_checkpoint(path, pattern="checkpoint-best*.safetensors"):
-    """A delta file: ``path`` itself, or the single file matching ``pattern`` inside the folder."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    hits = sorted(path.glob(pattern)) if path.is_dir() else []
-    if not hits:
-        raise DeltaError(f"{path}: no delta checkpoint matching {pattern}")
-    if len(hits) > 1:
-        raise DeltaError(f"{path}: several checkpoints match {pattern}: {[h.name for h in hits]}")
-    return hits[0]
-
-
 __all__ = ["DeltaConfig", "DeltaError", "Adapter", "LoRA", "Prefix", "attach_delta", "delta_named_parameters",
            "delta_state_dict", "count_delta_parameters", "save_delta", "read_delta", "load_delta",
-           "load_delta_state", "check_compatible", "find_checkpoint", "prefix_attention", "METHODS"]
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+           "load_delta_state", "check_compatible", "prefix_attention", "write_file_atomically", "METHODS", "ATTACH"]

@@ -151,7 +151,8 @@ def similarity_original_way(root: Path, sources):
     import delta_modules as dm
     from pewe.data import batches
     from pewe.model import load_backbone
-    from pewe.similarity import TokenOutputs, load_dev_rows, score_spec
+    from pewe.scores import TokenOutputs, score_spec
+    from pewe.similarity import load_dev_rows
 
     out = {}
     for metric in SIM_METRICS:
@@ -211,7 +212,7 @@ def t5_base_adapter_shapes() -> dict:
 def write_ensemble_fixture(root: Path, n: int):
     """n T5-base-sized adapter checkpoints and leave-one-out softmax weights over random scores."""
     import delta_modules as dm
-    from pewe import ensemble as E
+    from pewe.weights import loo_weights
 
     shapes = t5_base_adapter_shapes()
     config = dm.DeltaConfig(**DELTAS["adapter"])
@@ -222,7 +223,7 @@ def write_ensemble_fixture(root: Path, n: int):
                       {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}, config, task=t)
     rng = random.Random(0)
     scores = {t: {s: rng.uniform(0.5, 3.0) for s in tasks} for t in tasks}
-    weights = E.loo_weights(scores, tasks, -1, 0.1)
+    weights = loo_weights(scores, tasks, -1, 0.1)
     (root / "weights.json").write_text(json.dumps(weights))
 
 
@@ -236,7 +237,8 @@ def _vm_kb(field) -> int:
 def ensemble_child(method: str, root: Path):
     """Run one averaging method in this (fresh) process; print its time and memory as JSON."""
     import delta_modules as dm
-    from pewe import ensemble as E
+    from pewe import averaging as A
+    from pewe.layout import init_path
 
     weights = json.loads((root / "weights.json").read_text())
     ckpts = {t: root / "src" / t / "checkpoint-best.safetensors" for t in weights}
@@ -244,12 +246,12 @@ def ensemble_child(method: str, root: Path):
     baseline = _vm_kb("VmRSS")
     t0 = time.perf_counter()
     if method == "one_pass":  # the library as write_ensemble runs it now
-        E.write_averages(out, weights, ckpts, method="softmax", expect_method="adapter")
+        A.write_averages(out, weights, ckpts, meta={"method": "softmax"}, expect_method="adapter")
     elif method == "per_target":  # the library before the fix: a check pass, then every source re-read per target
-        E.check_sources(ckpts.values(), "adapter")
+        A.check_sources(ckpts.values(), "adapter")
         for target, w in weights.items():
-            tensors, config = E.weighted_average([(ckpts[s], x) for s, x in w.items()], "adapter")
-            dm.save_delta(out / E.OUTPUT_PATTERN.format(task=target), tensors, config, task=target, weights=w)
+            tensors, config = A.weighted_average([(ckpts[s], x) for s, x in w.items()], "adapter")
+            dm.save_delta(init_path(out, target), tensors, config, task=target, weights=w)
     elif method == "deepcopy":  # the original's way: every source in memory, deep-copied per target
         tasks = list(ckpts)
         states = [dm.read_delta(ckpts[t])[0] for t in tasks]
@@ -264,7 +266,7 @@ def ensemble_child(method: str, root: Path):
                 for j, state in enumerate(others):
                     acc += state[k] * w[j]
                 avg[k] = acc
-            dm.save_delta(out / E.OUTPUT_PATTERN.format(task=target), avg, config, task=target)
+            dm.save_delta(init_path(out, target), avg, config, task=target)
     else:
         raise SystemExit(f"unknown ensemble method {method}")
     seconds = time.perf_counter() - t0
@@ -278,9 +280,7 @@ def run_child(method, root) -> dict:
 
 
 def ensemble_methods():
-    from pewe import ensemble as E
-
-    return ["one_pass", "per_target", "deepcopy"] if hasattr(E, "write_averages") else ["per_target", "deepcopy"]
+    return ["one_pass", "per_target", "deepcopy"]
 
 
 def bench_ensemble(cfg):

@@ -8,15 +8,15 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import SentencePieceUnigramTokenizer
+from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+from transformers.models.t5.modeling_t5 import T5Attention
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 
 
 def train_tokenizer(texts, vocab_size=4000, extra_ids=100):
     """A unigram (SentencePiece-style) tokenizer with T5's special tokens and ``extra_ids`` sentinels."""
-    from tokenizers import SentencePieceUnigramTokenizer
-    from transformers import T5Tokenizer
-
     sp = SentencePieceUnigramTokenizer()
     sp.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>",
                            show_progress=False)
@@ -25,8 +25,6 @@ def train_tokenizer(texts, vocab_size=4000, extra_ids=100):
 
 
 def small_config(tokenizer, d_model=256, d_ff=640, num_layers=3, num_heads=4, d_kv=64, dropout=0.1):
-    from transformers import T5Config
-
     return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
                     num_decoder_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
                     dropout_rate=dropout, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -34,8 +32,6 @@ def small_config(tokenizer, d_model=256, d_ff=640, num_layers=3, num_heads=4, d_
 
 
 def build_model(config, seed=0):
-    from transformers import T5ForConditionalGeneration
-
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
 
@@ -45,8 +41,6 @@ def recency_bias_init(model):
     of H adds -2^(-8h/H) x (mean token distance of the bucket) to its attention logits. A randomly
     initialised table (std d_model^-0.5) starts blind to word order, and whether pretraining
     discovers order was found to vary from run to run (docs/BACKBONE.md)."""
-    from transformers.models.t5.modeling_t5 import T5Attention
-
     for module in model.modules():
         if not (isinstance(module, T5Attention) and module.has_relative_attention_bias):
             continue

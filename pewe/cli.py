@@ -6,13 +6,16 @@ nonzero exit status instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from pewe.errors import UserError
+# Tokenizers' own threads next to torch's would oversubscribe the cores (and warn after a fork).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
+from pewe.errors import USER_ERRORS  # noqa: E402
+from pewe.model import load_backbone, pick_device, resolve_precision  # noqa: E402
 
 
 def setup_logging(output_dir, log_name, quiet=False):
@@ -34,8 +37,6 @@ def setup_logging(output_dir, log_name, quiet=False):
 
 def run_entry(a, log_name, fn, needs_model=True):
     """Set up, load the backbone, call ``fn(a, model, tokenizer, device, precision)``; exit status."""
-    from pewe.model import load_backbone, pick_device, resolve_precision
-
     if not a.output_dir:
         print("error: --output_dir is required", file=sys.stderr)
         return 2

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from pathlib import Path
 
 import torch
 
 from pewe.errors import UserError
 
+log = logging.getLogger("pewe")
 SPLITS = ("train", "dev", "test")
 
 # bAbI puts the question at the end of a long story: truncate those inputs from the left so the
@@ -56,11 +58,16 @@ def read_tsv(path) -> list:
     return examples
 
 
+def _folder(path, missing: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: {missing}")
+    return path
+
+
 def list_tasks(task_dir) -> list:
     """Task folder names under ``task_dir`` (folders holding at least one ``.tsv``)."""
-    task_dir = Path(task_dir)
-    if not task_dir.is_dir():
-        raise DataError(f"{task_dir}: no such task folder")
+    task_dir = _folder(task_dir, "no such task folder")
     tasks = sorted(p.name for p in task_dir.iterdir() if p.is_dir() and any(p.glob("*.tsv")))
     if not tasks:
         raise DataError(f"{task_dir}: contains no task folders with .tsv files")
@@ -69,9 +76,7 @@ def list_tasks(task_dir) -> list:
 
 def split_prefixes(task_path) -> list:
     """``{task}_{k}_{seed}`` prefixes found in a task folder, as the original's loop finds them."""
-    task_path = Path(task_path)
-    if not task_path.is_dir():
-        raise DataError(f"{task_path}: missing task folder")
+    task_path = _folder(task_path, "missing task folder")
     prefixes = sorted({f.name.rsplit("_", 1)[0] for f in task_path.glob("*.tsv")})
     if not prefixes:
         raise DataError(f"{task_path}: no .tsv splits")
@@ -80,6 +85,15 @@ def split_prefixes(task_path) -> list:
             if not (task_path / f"{prefix}_{split}.tsv").is_file():
                 raise DataError(f"{task_path}: {prefix}_{split}.tsv is missing")
     return prefixes
+
+
+def first_prefix(task_dir, task, warn=False) -> str:
+    """The first ``{task}_{k}_{seed}`` split of a task folder: the one split that the study, the
+    similarity scores and the every-source-on-every-target scripts use."""
+    prefixes = split_prefixes(Path(task_dir) / task)
+    if warn and len(prefixes) > 1:
+        log.warning("%s: several splits %s; using %s", task, prefixes, prefixes[0])
+    return prefixes[0]
 
 
 def split_path(task_dir, task, prefix, split) -> Path:
@@ -112,6 +126,21 @@ class Rows:
     label_ids: list
     example_of: list
     examples: list
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+    """How a task's lines become token ids."""
+    max_input_length: int = 512  # input tokens kept
+    max_output_length: int = 64  # answer tokens kept (and generated)
+    truncation_side: str = "auto"  # auto (left for bAbI, right otherwise), left or right
+
+
+def load_split(task_dir, task, prefix, split, tokenizer, text: TextOptions, one_row_per_answer: bool) -> "Rows":
+    """One split of a task folder, read and tokenised (training: a row per gold answer)."""
+    examples = read_tsv(split_path(task_dir, task, prefix, split))
+    return tokenize(examples, tokenizer, task, text.max_input_length, text.max_output_length, text.truncation_side,
+                    one_row_per_answer=one_row_per_answer)
 
 
 def tokenize(examples, tokenizer, task, max_input_length=512, max_output_length=64,

@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "data" / "t5-mini"  # the embedded default backbone and tokenizer
@@ -46,9 +48,6 @@ def autocast(device: torch.device, precision: str):
 
 def load_backbone(model_path, tokenizer_path=None, device="cpu"):
     """A stock ``T5ForConditionalGeneration`` (hub name or local folder) and its tokenizer."""
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
     tokenizer_path = tokenizer_path or model_path
     for p in (model_path, tokenizer_path):
         if str(p).startswith(("/", ".")) and not Path(p).exists():

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pewe.data import read_tsv, source_text, target_text, truncation_side_for
+from pewe.data import read_tsv, source_text, target_text, tokenize, truncation_side_for
+from pewe.metrics import evaluate, metric_for
+from pewe.trainer import predict
 
 log = logging.getLogger("pewe")
 
@@ -186,10 +188,6 @@ def position_bias_groups(model, weight_decay=0.01, position_lr_scale=1.0):
 def task_scores(model, tokenizer, examples_by_task, device, precision, max_input_length=512,
                 max_output_length=64, batch_size=80):
     """Greedy score of the bare model on each task's examples: {task: (metric, score in [0, 1])}."""
-    from pewe.data import tokenize
-    from pewe.metrics import evaluate, metric_for
-    from pewe.trainer import predict
-
     was = model.training
     out = {}
     for task, examples in examples_by_task.items():

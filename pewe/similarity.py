@@ -5,36 +5,15 @@ source checkpoints attached; per source only the delta tensors are swapped. For 
 folder of ``task_dir``) every source (a task folder of ``source_checkpoint_path`` holding
 ``checkpoint-best*.safetensors``) is scored on the target's dev split.
 
-Scores and what the original (telxt/Delta_search, ``t5_trainer.py``) computes, with our changes:
-
-- ``Loss``: mean token cross-entropy of the source delta on the target's dev labels. Original: the
-  model's loss on the first dev batch only (a token mean over that batch). Same; over several batches
-  (``num_batches``) it is the token mean over all of them.
-- ``KL``: sum over label tokens of KL(P_target || Q_source), P from the delta tuned on the target from
-  random init, Q from the source delta: the original's direction (``scipy.stats.entropy(pk=P, qk=Q)``)
-  and the natural one here: the target model is the reference distribution, and the score counts the
-  nats lost when the source stands in for it. The original deletes vocabulary entries where either
-  float32 softmax underflows to 0 and renormalises; we compute the exact KL from log-softmax, which
-  differs only where the original dropped underflowed entries. First dev batch by default.
-- ``EL2N``: sum over label tokens of ||softmax(logits) - one_hot(label)||_2; first dev batch. Same.
-- ``Cosine_of_Logits_and_Labels``: sum over label tokens of cos(softmax(logits), one_hot(label))
-  (= p_label / ||p||_2, eps 1e-6 as torch's CosineSimilarity). The original reads **every** dev batch
-  for this one score (its entry script's default here is ``num_batches = 0``). Higher = more similar;
-  the original's weighting negated it with every other score, which inverted it.
-- ``GraNd``: sum over the first ``grand_batches`` dev batches of the L2 norm of the gradient of the
-  batch loss w.r.t. the delta parameters, dropout on (the original calls ``train_step`` in train
-  mode). Both are options; with dropout on we seed the dropout per source so a run is repeatable.
-  Modes: ``dev`` (one score), ``block`` / ``layer`` (one score per T5 block / per sublayer site of a
-  block, from the same backward pass, grouping the delta parameters by module path; per batch the
-  squares of the group norms add up to the square of the whole). Prefix deltas are one module per
-  stack whose parameters feed every layer at once, so no parameter split by block exists: block and
-  layer modes are for adapter and LoRA and refuse prefix deltas.
-- ``block`` (``get_block.py``): per T5 block, sum over dev rows of the cosine between the row's hidden
-  states (valid tokens only, flattened) under the source delta and under the random-init-tuned target
-  delta; first dev batch. The original compares ``hidden_states[i]`` of transformers 4.10, the
-  *input* of block i (block 0 = the embeddings, identical for every delta, so a constant file, and the
-  last block's output never compared); we compare each block's output by default, and
-  ``hidden_site="input"`` reproduces the original.
+The scores themselves (what each computes, its direction, what it needs, its reduction and
+temperature) are declared in ``pewe.scores``. GraNd modes here: ``dev`` (one score), ``block`` /
+``layer`` (one score per T5 block / per sublayer site of a block, from the same backward pass,
+grouping the delta parameters by module path; per batch the squares of the group norms add up to the
+square of the whole). Prefix deltas are one module per stack whose parameters feed every layer at
+once, so no parameter split by block exists: block and layer modes refuse prefix deltas. The
+``block`` score compares each block's output by default; ``hidden_site="input"`` compares what the
+block receives, the original's ``hidden_states[i]`` of transformers 4.10 (block 0 = the embeddings,
+identical for every delta, so a constant file, and the last block's output never compared).
 
 Labels: dev rows are tokenised one row per gold answer (``pewe.data.tokenize(one_row_per_answer=True)``),
 so every row's label is its own answer; the original paired input i with the i-th *flattened* answer,
@@ -49,115 +28,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from delta_modules import (METHODS, DeltaError, attach_delta, delta_named_parameters, find_checkpoint, load_delta,
-                           read_delta)
-from pewe.atomic import atomic_write_text
-from pewe.data import DataError, batches, read_tsv, split_path, split_prefixes, tokenize
+from delta_modules import METHODS, attach_delta, delta_named_parameters, load_delta, read_delta
+from pewe.data import TextOptions, batches, first_prefix, load_split
+from pewe.errors import UserError
+from pewe.layout import SOURCE_PATTERN, find_checkpoint, source_checkpoints, write_similarity
 from pewe.model import autocast
+from pewe.scores import TokenOutputs, score_spec
+from pewe.trainer import set_seed
+from pewe.tuning import select_tasks
 
 log = logging.getLogger("pewe")
 GRAND_MODES = ("dev", "block", "layer")
 HIDDEN_SITES = ("output", "input")
-CKPT_PATTERN = "checkpoint-best*.safetensors"
 
 
-class SimilarityError(DeltaError):
+class SimilarityError(UserError):
     """A similarity request that cannot be met (bad option, missing or mismatched checkpoint)."""
-
-
-# --------------------------------------------------------------------------- registry
-
-@dataclasses.dataclass(frozen=True)
-class ScoreSpec:
-    name: str
-    fn: Callable
-    higher_is_more_similar: bool
-    kind: str  # "logits": reduces one forward's label-token logits; "grad": gradient norms; "hidden": block states
-    reduction: str  # "sum" over label tokens (rows for hidden), or "mean" per label token
-    needs_reference: bool  # compares with the delta tuned on the target from random init
-
-
-SCORES: dict = {}
-
-
-def register(name, *, higher_is_more_similar, kind="logits", reduction="sum", needs_reference=False):
-    """Register a score function under ``name``; the sign travels with it to the weighting step."""
-    def deco(fn):
-        SCORES[name] = ScoreSpec(name, fn, higher_is_more_similar, kind, reduction, needs_reference)
-        return fn
-    return deco
-
-
-@dataclasses.dataclass
-class TokenOutputs:
-    """One dev batch seen by one delta, at its label tokens only (labels != -100, row-major)."""
-    logits: torch.Tensor  # (N, V) float32
-    labels: torch.Tensor  # (N,)
-    ref_logits: torch.Tensor | None = None  # (N, V) float32: the random-init-tuned target delta's
-
-
-@register("Loss", higher_is_more_similar=False, reduction="mean")
-def loss_score(t: TokenOutputs):
-    return F.cross_entropy(t.logits, t.labels, reduction="sum")
-
-
-@register("KL", higher_is_more_similar=False, needs_reference=True)
-def kl_score(t: TokenOutputs):
-    logp = t.ref_logits.log_softmax(-1)  # P: the target's own delta (reference)
-    logq = t.logits.log_softmax(-1)  # Q: the source delta
-    return (logp.exp() * (logp - logq)).sum()
-
-
-@register("EL2N", higher_is_more_similar=False)
-def el2n_score(t: TokenOutputs):
-    err = t.logits.softmax(-1)
-    err[torch.arange(len(err)), t.labels] -= 1.0  # softmax - one_hot
-    return err.norm(dim=-1).sum()
-
-
-@register("Cosine_of_Logits_and_Labels", higher_is_more_similar=True)
-def cosine_logits_labels_score(t: TokenOutputs):
-    p = t.logits.softmax(-1)
-    p_label = p.gather(1, t.labels[:, None]).squeeze(1)  # p . one_hot = p_label; ||one_hot|| = 1
-    return (p_label / p.norm(dim=-1).clamp_min(1e-6)).sum()
-
-
-@register("GraNd", higher_is_more_similar=False, kind="grad")
-def grand_score(batch_group_sq):
-    """``batch_group_sq``: per batch, {group: squared L2 norm of the gradient of that group's delta
-    parameters}. Per batch the norm of each group, summed over batches (as the original)."""
-    out = {}
-    for sq in batch_group_sq:
-        for group, value in sq.items():
-            out[group] = out.get(group, 0.0) + math.sqrt(value)
-    return out
-
-
-@register("block", higher_is_more_similar=True, kind="hidden", needs_reference=True)
-def block_cosine_score(h, ref, mask):
-    """h, ref (B, T, d) one block's hidden states under the source / reference delta; mask (B, T) the
-    valid tokens. Sum over rows of cos(row's valid tokens flattened), eps 1e-6 as torch's."""
-    m = mask.unsqueeze(-1).to(h.dtype)
-    h, ref = (h * m).flatten(1), (ref * m).flatten(1)  # padding set to 0 adds nothing to dots or norms
-    dot = (h * ref).sum(1)
-    return (dot / (h.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-6)).sum()
-
-
-def score_spec(name) -> ScoreSpec:
-    if name not in SCORES:
-        raise SimilarityError(f"unknown similarity score {name!r}; expected one of {', '.join(SCORES)}")
-    return SCORES[name]
 
 
 # --------------------------------------------------------------------------- options
@@ -202,16 +95,14 @@ class ScoreOptions:
         return cls(**values)
 
 
-def _first(items, n):
+def first_batches(items, n) -> list:
+    """The first ``n`` items (0 = all), as the forward scores and GraNd read dev batches."""
     return list(items) if n == 0 else list(items)[:n]
 
 
 # --------------------------------------------------------------------------- grouping and hooks
 
 _SITE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.")
-_STACK_ORDER = {"encoder": 0, "decoder": 1}
-
-
 def grand_group(name: str, mode: str) -> str:
     """The GraNd group of a delta parameter (module path inside the stock T5): ``""`` in dev mode,
     ``encoder_block_3`` in block mode, ``decoder_block_3_layer_1`` (cross-attention) in layer mode.
@@ -225,18 +116,6 @@ def grand_group(name: str, mode: str) -> str:
                               "block and layer modes are for adapter and LoRA deltas: use --mode dev")
     stack, block, layer = m.groups()
     return f"{stack}_block_{block}" if mode == "block" else f"{stack}_block_{block}_layer_{layer}"
-
-
-def group_sort_key(group: str):
-    """encoder before decoder, blocks and layers in numeric order (``""`` first)."""
-    m = re.match(r"^(encoder|decoder)_block_(\d+)(?:_layer_(\d+))?$", group)
-    if m is None:
-        return (-1, 0, 0, group)
-    return (_STACK_ORDER[m.group(1)], int(m.group(2)), int(m.group(3) or 0), group)
-
-
-def result_file(group: str) -> str:
-    return "result.tsv" if group == "" else f"{group}_result.tsv"
 
 
 @contextlib.contextmanager
@@ -264,22 +143,10 @@ def capture_blocks(model, site="output"):
 # --------------------------------------------------------------------------- tasks and checkpoints
 
 def list_sources(source_path, names=()) -> dict:
-    """{task: checkpoint} for every task folder of ``source_path`` holding ``checkpoint-best*.safetensors``
-    (sorted by name); ``names`` restricts and orders them, and each must be there."""
+    """{task: checkpoint} of ``--source_checkpoint_path`` (``pewe.layout.source_checkpoints``)."""
     if not source_path:
-        raise SimilarityError("--source_checkpoint_path is required (a folder of {task}/checkpoint-best*.safetensors)")
-    root = Path(source_path)
-    if not root.is_dir():
-        raise SimilarityError(f"{root}: no such source checkpoint folder")
-    found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob(CKPT_PATTERN))}
-    if names:
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise SimilarityError(f"{root}: no {CKPT_PATTERN} for source task(s) {', '.join(missing)}")
-        found = {n: found[n] for n in names}
-    if not found:
-        raise SimilarityError(f"{root}: no task folder holds a {CKPT_PATTERN}")
-    return {task: find_checkpoint(folder, CKPT_PATTERN) for task, folder in found.items()}
+        raise SimilarityError(f"--source_checkpoint_path is required (a folder of {{task}}/{SOURCE_PATTERN})")
+    return source_checkpoints(source_path, names)
 
 
 def reference_checkpoints(path, targets) -> dict:
@@ -287,7 +154,7 @@ def reference_checkpoints(path, targets) -> dict:
     if not path:
         raise SimilarityError("--random_tuned_ckpt_path is required for this score "
                               "(a folder of {target}/checkpoint-best*.safetensors tuned from random init)")
-    return {t: find_checkpoint(Path(path) / t, CKPT_PATTERN) for t in targets}
+    return {t: find_checkpoint(Path(path) / t, SOURCE_PATTERN) for t in targets}
 
 
 def check_delta_flags(config, a):
@@ -317,12 +184,8 @@ def attach_from_sources(model, sources: dict, a=None):
 
 def load_dev_rows(task_dir, task, tokenizer, options: ScoreOptions):
     """The target's dev split, one row per gold answer (each row's label is its own answer)."""
-    prefixes = split_prefixes(Path(task_dir) / task)
-    if len(prefixes) > 1:
-        log.warning("%s: several splits %s; scoring on %s", task, prefixes, prefixes[0])
-    examples = read_tsv(split_path(task_dir, task, prefixes[0], "dev"))
-    return tokenize(examples, tokenizer, task, options.max_input_length, options.max_output_length,
-                    options.truncation_side, one_row_per_answer=True)
+    text = TextOptions(options.max_input_length, options.max_output_length, options.truncation_side)
+    return load_split(task_dir, task, first_prefix(task_dir, task, warn=True), "dev", tokenizer, text, True)
 
 
 # --------------------------------------------------------------------------- engine
@@ -458,8 +321,8 @@ class SimilarityEngine:
                    dynamic_ncols=True)
         for target in targets:
             all_batches = self.dev_batches(task_dir, target)
-            fwd = _first(all_batches, self.options.num_batches)
-            grad = _first(all_batches, self.options.grand_batches)
+            fwd = first_batches(all_batches, self.options.num_batches)
+            grad = first_batches(all_batches, self.options.grand_batches)
             refs = None
             if needs_ref:
                 refs = self.reference(references[target], fwd, any(s.kind == "logits" for s in needs_ref),
@@ -481,55 +344,11 @@ def _add(d, key, value):
     d[key] = d.get(key, 0.0) + value
 
 
-# --------------------------------------------------------------------------- files
-
-def format_result(table: dict) -> str:
-    """{target: {source: score}} in the original's layout: a target line, then ``source,score`` lines."""
-    lines = []
-    for target, row in table.items():
-        lines.append(target)
-        lines.extend(f"{source},{float(score)!r}" for source, score in row.items())
-    return "\n".join(lines) + "\n"
-
-
-def read_result(path) -> dict:
-    """Parse a similarity ``result.tsv`` by task name: {target: {source: score}}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such similarity file")
-    table, target = {}, None
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
-        if "," not in line:
-            target = line
-            table.setdefault(target, {})
-            continue
-        if target is None:
-            raise DataError(f"{path}:{lineno}: a source,score line before any target line")
-        source, _, score = line.rpartition(",")
-        try:
-            table[target][source] = float(score)
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: {score!r} is not a number") from None
-    return table
-
-
 def write_results(out_dir, metric, groups: dict, options: ScoreOptions, extra=None) -> list:
-    """Write one result file per group and ``scores.json``; returns the result file paths."""
-    out_dir = Path(out_dir)
+    """The similarity folder of one score (``pewe.layout.write_similarity``) with the options used."""
     spec = score_spec(metric)
-    paths = []
-    for group in sorted(groups, key=group_sort_key):
-        path = out_dir / result_file(group)
-        atomic_write_text(path, format_result(groups[group]))
-        paths.append(path)
-    meta = {"metric": metric, "higher_is_more_similar": spec.higher_is_more_similar,
-            "reduction": spec.reduction, "files": [p.name for p in paths],
-            "options": dataclasses.asdict(options), **(extra or {})}
-    atomic_write_text(out_dir / "scores.json", json.dumps(meta, indent=1))
-    return paths
+    return write_similarity(out_dir, metric, groups, higher_is_more_similar=spec.higher_is_more_similar,
+                            reduction=spec.reduction, options=dataclasses.asdict(options), **(extra or {}))
 
 
 # --------------------------------------------------------------------------- entry glue
@@ -538,9 +357,6 @@ def run_similarity(a, model, tokenizer, device, precision, metrics, **option_ove
     """What every ``get_similarity/get_*.py`` runs: score and write. One metric writes into
     ``a.output_dir``; several write into ``a.output_dir/{metric}`` from the same forward passes.
     Returns {metric: output folder}."""
-    from pewe.trainer import set_seed
-    from pewe.tuning import select_tasks
-
     specs = [score_spec(m) for m in metrics]
     options = ScoreOptions.from_args(a, precision, **option_overrides)
     set_seed(options.seed)
@@ -568,10 +384,3 @@ def run_similarity(a, model, tokenizer, device, precision, metrics, **option_ove
     for m, d in out_dirs.items():
         print(f"{m}: {d / 'scores.json'}")
     return out_dirs
-
-
-__all__ = ["SCORES", "ScoreSpec", "ScoreOptions", "SimilarityEngine", "SimilarityError", "TokenOutputs",
-           "Reference", "register", "score_spec", "grand_group", "group_sort_key", "result_file",
-           "capture_blocks", "list_sources", "reference_checkpoints", "check_delta_flags",
-           "attach_from_sources", "load_dev_rows", "format_result", "read_result", "write_results",
-           "run_similarity", "GRAND_MODES"]

@@ -22,12 +22,17 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from tqdm.auto import tqdm
+from transformers.optimization import Adafactor
 
 from delta_modules import delta_named_parameters, delta_state_dict, load_delta, load_delta_state, save_delta
 from pewe.atomic import atomic_write_bytes, atomic_write_text
@@ -40,7 +45,7 @@ MICRO_BATCH = 16  # the original's largest per-step batch; larger batches are ac
 _SENTINEL = re.compile(r"<extra_id_\d+>")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainSettings:
     learning_rate: float = 5e-4
     batch_size: int = 8
@@ -57,16 +62,10 @@ class TrainSettings:
 
 
 def make_optimizer(params, lr):
-    from transformers.optimization import Adafactor
-
     return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
 def set_seed(seed: int):
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -138,8 +137,6 @@ def _restore_optimizer(optimizer, params, tensors, kinds, device):
 
 
 def save_resume(path, model, optimizer, params, counters: dict):
-    from safetensors.torch import save
-
     tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in delta_state_dict(model).items()}
     opt, kinds = _optimizer_tensors(optimizer, params)
     tensors.update(opt)
@@ -153,8 +150,6 @@ def save_resume(path, model, optimizer, params, counters: dict):
 
 def resume_counters(path) -> dict:
     """The counters of a ``resume.safetensors`` (no tensors are read)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["counters"])
 
@@ -166,8 +161,6 @@ def can_extend(counters: dict, train_iters: int) -> bool:
 
 
 def load_resume(path, model, optimizer, params, device) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}

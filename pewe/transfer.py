@@ -24,38 +24,22 @@ import json
 import logging
 from pathlib import Path
 
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from delta_modules import (DeltaError, attach_delta, check_compatible, find_checkpoint, load_delta, load_delta_state,
-                           read_delta, save_delta)
+from delta_modules import DeltaError, attach_delta, check_compatible, load_delta, load_delta_state, read_delta, save_delta
 from pewe.atomic import atomic_write_text
-from pewe.data import split_prefixes
-from pewe.delta_scores import format_similarity
+from pewe.data import TextOptions, first_prefix, load_split
+from pewe.delta_scores import pairs_of
+from pewe.layout import format_similarity, source_checkpoints
 from pewe.metrics import metric_for
 from pewe.trainer import TrainSettings, score_rows, set_seed, train
-from pewe.tuning import delta_config_from_args, load_split, select_tasks
+from pewe.tuning import delta_config_from_args, select_tasks, text_options
 
 log = logging.getLogger("pewe")
-SOURCE_PATTERN = "checkpoint-best*.safetensors"
 
 
 # --------------------------------------------------------------------------- sources, targets, pairs
-
-def list_sources(source_dir, names=()) -> dict:
-    """``{task: delta path}``: the named tasks, or every subfolder of ``source_dir`` holding a
-    ``checkpoint-best*.safetensors`` (a tune_hps_singletask.py output_dir)."""
-    source_dir = Path(source_dir)
-    if not source_dir.is_dir():
-        raise DeltaError(f"{source_dir}: no such folder of source deltas ({{task}}/{SOURCE_PATTERN})")
-    if names:
-        return {str(n): find_checkpoint(source_dir / str(n), SOURCE_PATTERN) for n in names}
-    found = {d.name: find_checkpoint(d, SOURCE_PATTERN) for d in sorted(source_dir.iterdir())
-             if d.is_dir() and any(d.glob(SOURCE_PATTERN))}
-    if not found:
-        raise DeltaError(f"{source_dir}: no source deltas ({{task}}/{SOURCE_PATTERN}); train them with "
-                         f"tune_hps_singletask.py --output_dir {source_dir}")
-    return found
-
 
 def check_sources_fit(config, sources: dict):
     """Every source delta must have the model's delta config: fail before any pair runs."""
@@ -64,26 +48,12 @@ def check_sources_fit(config, sources: dict):
         check_compatible(config, found, path)
 
 
-def pairs_of(targets, sources, skip_self=True) -> list:
-    """(target, source) pairs, targets outer (each target's data is loaded once)."""
-    return [(t, s) for t in targets for s in sources if not (skip_self and s == t)]
-
-
 def single(values, name):
     """The one value of a list option (the original's ``--learning_rate_list 5e-4``)."""
     values = list(values)
     if len(values) != 1:
         raise DeltaError(f"--{name}: give exactly one value here (got {values}); every pair is tuned with one setting")
     return values[0]
-
-
-def target_prefix(task_dir, task) -> str:
-    """The first ``{task}_{k}_{seed}`` split of a target folder (the original wrote every split's run
-    into the same folder; one split per target keeps the pairs well defined)."""
-    prefixes = split_prefixes(Path(task_dir) / task)
-    if len(prefixes) > 1:
-        log.warning("%s: several splits %s; using %s", task, prefixes, prefixes[0])
-    return prefixes[0]
 
 
 @dataclasses.dataclass
@@ -97,11 +67,10 @@ class TargetData:
     test: object = None
 
 
-def load_target(a, tokenizer, task, splits) -> TargetData:
-    data = TargetData(task, target_prefix(a.task_dir, task), metric_for(task))
+def load_target(task_dir, task, tokenizer, text: TextOptions, splits) -> TargetData:
+    data = TargetData(task, first_prefix(task_dir, task, warn=True), metric_for(task))
     for split in splits:
-        rows = load_split(a.task_dir, task, data.prefix, split, tokenizer, a, split == "train")
-        setattr(data, split, rows)
+        setattr(data, split, load_split(task_dir, task, data.prefix, split, tokenizer, text, split == "train"))
     return data
 
 
@@ -120,7 +89,7 @@ def _prepare(a, model, source_dir):
         raise DeltaError("no folder of source deltas given ({task}/checkpoint-best*.safetensors)")
     config = delta_config_from_args(a)
     targets = select_tasks(a.task_dir, a.tasks, a.shard)
-    sources = list_sources(source_dir, a.source_tasks)
+    sources = source_checkpoints(source_dir, a.source_tasks)
     check_sources_fit(config, sources)
     set_seed(a.seed)
     attach_delta(model, config)
@@ -131,8 +100,6 @@ def _prepare(a, model, source_dir):
 
 def last_delta(resume_path) -> dict:
     """The delta after the final update: the ``delta.*`` tensors of the loop's resume.safetensors."""
-    from safetensors.torch import load_file
-
     return {k[len("delta."):]: v for k, v in load_file(str(resume_path)).items() if k.startswith("delta.")}
 
 
@@ -148,28 +115,48 @@ def last_dev_score(summary, model, tokenizer, data, settings, device):
     return score
 
 
-def tune_pair(model, tokenizer, data: TargetData, source, source_ckpt, a, settings, device, pair_dir) -> dict:
-    """Tune ``source``'s delta on the target's train split; keep best and last; returns result.json."""
-    meta = {"task": data.name, "source": source, "prefix": data.prefix, "init": str(source_ckpt),
-            "base_model": str(a.model), "seed": a.seed, "learning_rate": settings.learning_rate,
-            "batch_size": settings.batch_size}
-    summary = train(model, tokenizer, data.train, data.dev, data.metric, settings, pair_dir, device,
-                    init_checkpoint=source_ckpt, meta=meta)
+@dataclasses.dataclass(frozen=True)
+class PairJob:
+    """One source delta tuned on one target: what tune_all_ckpt.py (and the study's Euclidean and
+    Performance scores) run for each (target, source) pair."""
+    source: str
+    source_checkpoint: Path
+    pair_dir: Path
+    settings: TrainSettings
+    model: str  # the backbone's name or folder, as given (recorded in the checkpoints)
+    do_predict: bool = False  # also score test with the pair's best delta, as the original did
+    keep_resume: bool = False  # keep the finished pair's resume.safetensors (delta + optimizer state)
+
+
+def tune_pair(model, tokenizer, data: TargetData, job: PairJob, device) -> dict:
+    """Tune the source's delta on the target's train split; keep best and last; returns result.json."""
+    s, pair_dir = job.settings, Path(job.pair_dir)
+    meta = {"task": data.name, "source": job.source, "prefix": data.prefix, "init": str(job.source_checkpoint),
+            "base_model": job.model, "seed": s.seed, "learning_rate": s.learning_rate, "batch_size": s.batch_size}
+    summary = train(model, tokenizer, data.train, data.dev, data.metric, s, pair_dir, device,
+                    init_checkpoint=job.source_checkpoint, meta=meta)
     last = last_delta(pair_dir / "resume.safetensors")  # right even when train() found the pair already done
     load_delta_state(model, last, where=str(pair_dir / "resume.safetensors"))
-    last_score = last_dev_score(summary, model, tokenizer, data, settings, device)
+    last_score = last_dev_score(summary, model, tokenizer, data, s, device)
     save_delta(pair_dir / "checkpoint-last.safetensors", last, model.delta_config,
                **{**meta, "dev_score": last_score, "step": summary["num_updates"]})
-    result = {"target": data.name, "source": source, "metric": data.metric, "init": str(source_ckpt),
+    result = {"target": data.name, "source": job.source, "metric": data.metric, "init": str(job.source_checkpoint),
               "dev_score": summary["best"], "best_step": summary["best_step"], "last_dev_score": last_score,
               "updates": summary["num_updates"], "history": summary["history"], "test_score": None}
-    if a.do_predict:  # the original also scored test with each pair's best delta
+    if job.do_predict:
         load_delta(model, pair_dir / "checkpoint-best.safetensors")
-        result["test_score"], _ = score_rows(model, tokenizer, data.test, data.metric, settings, device, desc="test")
+        result["test_score"], _ = score_rows(model, tokenizer, data.test, data.metric, s, device, desc="test")
     atomic_write_text(pair_dir / "result.json", json.dumps(result, indent=1))
-    if not a.keep_resume:  # the pair is done (result.json): its optimizer state is dead weight on disk
+    if not job.keep_resume:  # the pair is done (result.json): its optimizer state is dead weight on disk
         (pair_dir / "resume.safetensors").unlink(missing_ok=True)
     return result
+
+
+def zero_shot_score(model, tokenizer, data: TargetData, checkpoint, settings, device, desc=None) -> float:
+    """The dev score of a source delta on a target without any tuning (what Performance subtracts)."""
+    load_delta(model, checkpoint)
+    score, _ = score_rows(model, tokenizer, data.dev, data.metric, settings, device, desc=desc)
+    return score
 
 
 def collect_pair_results(output_dir, key="dev_score") -> dict:
@@ -201,8 +188,10 @@ def tune_all(a, model, tokenizer, device, precision) -> Path:
             log.info("%s <- %s: already done (%s), skipping", target, source, pair_dir / "result.json")
             continue
         if data is None or data.name != target:  # one target's rows in memory at a time
-            data = load_target(a, tokenizer, target, ("train", "dev", "test") if a.do_predict else ("train", "dev"))
-        r = tune_pair(model, tokenizer, data, source, sources[source], a, settings, device, pair_dir)
+            data = load_target(a.task_dir, target, tokenizer, text_options(a),
+                               ("train", "dev", "test") if a.do_predict else ("train", "dev"))
+        job = PairJob(source, sources[source], pair_dir, settings, str(a.model), a.do_predict, a.keep_resume)
+        r = tune_pair(model, tokenizer, data, job, device)
         log.info("%s <- %s: dev %.4f best at %d, %.4f after %d updates (%s)", target, source, r["dev_score"],
                  r["best_step"], r["last_dev_score"], r["updates"], data.metric)
     bar.close()
@@ -236,10 +225,9 @@ def dev_all(a, model, tokenizer, device, precision) -> Path:
             log.info("%s <- %s: already scored (%s), skipping", target, source, store)
             continue
         if data is None:
-            data = load_target(a, tokenizer, target, ("dev",))
-        load_delta(model, sources[source])
-        scores[source], _ = score_rows(model, tokenizer, data.dev, data.metric, settings, device,
-                                       desc=f"{source} on {target}")
+            data = load_target(a.task_dir, target, tokenizer, text_options(a), ("dev",))
+        scores[source] = zero_shot_score(model, tokenizer, data, sources[source], settings, device,
+                                         desc=f"{source} on {target}")
         atomic_write_text(store, json.dumps(scores, indent=1))
         log.info("%s <- %s: zero-shot dev %.4f (%s)", target, source, scores[source], data.metric)
     bar.close()

@@ -1,6 +1,8 @@
 """Single-task tuning over an lr x batch-size grid: what ``tune_hps_singletask.py`` runs for each task.
 
-Layout of ``output_dir`` (one folder per task, as the original):
+One run is a ``TuneJob`` (every option that decides it, typed); ``run_job`` trains and / or predicts
+it. The study builds its jobs the same way. Layout of ``output_dir`` (one folder per task, as the
+original):
   {task}/runs/{prefix}_lr_{lr}_bsz_{bsz}/  checkpoint-best.safetensors (+.json), resume.safetensors,
                                            predictions_test.tsv, result.json
   {task}/checkpoint-best.safetensors       the best run of the grid by dev score (+.json)
@@ -10,17 +12,44 @@ Layout of ``output_dir`` (one folder per task, as the original):
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from delta_modules import DeltaConfig, DeltaError, attach_delta, find_checkpoint, load_delta, save_delta, read_delta
+from delta_modules import (DeltaConfig, DeltaError, attach_delta, delta_state_dict, load_delta, load_delta_state,
+                           read_delta, save_delta)
 from pewe.atomic import atomic_write_text
-from pewe.data import DataError, list_tasks, read_tsv, split_path, split_prefixes, tokenize
+from pewe.data import DataError, TextOptions, list_tasks, load_split, split_prefixes
+from pewe.layout import init_checkpoint_for, rebuild_result_tsv, run_name, shard_of, test_checkpoint_for
 from pewe.metrics import metric_for
 from pewe.trainer import TrainSettings, can_extend, resume_counters, score_rows, set_seed, train, write_predictions
 
 log = logging.getLogger("pewe")
+DELTA_FIELDS = ("adapter_type", "adapter_size", "lora_r", "lora_alpha", "prefix_num", "prefix_r")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneJob:
+    """One (task, split, lr, batch size) run: every option that decides its result."""
+    task: str
+    prefix: str  # the data split, ``{task}_{k}_{seed}``
+    task_dir: str
+    run_dir: Path
+    settings: TrainSettings  # lr, batch size, budget, intervals, seed, precision, progress
+    text: TextOptions
+    model: str  # the backbone's name or folder, as given (recorded in the checkpoints)
+    do_train: bool = True
+    do_predict: bool = True
+    train_checkpoint: str | None = None  # init: a delta file or a folder of without_{task}_checkpoint files
+    test_checkpoint: str | None = None  # predict with this delta (file or folder) instead of the best
+    step_budgets: tuple = ()  # also record the dev score after these update counts
+
+
+def delta_config_of(method, options) -> DeltaConfig:
+    """The DeltaConfig of ``method`` with the sizes an entry script's options give."""
+    return DeltaConfig(method, **{f: getattr(options, f) for f in DELTA_FIELDS})
 
 
 def delta_config_from_args(a) -> DeltaConfig:
@@ -31,77 +60,55 @@ def delta_config_from_args(a) -> DeltaConfig:
         raise DeltaError(f"unknown --tune_method {method!r}; expected adapter, lora or prefix")
     if applied and applied != [method]:
         raise DeltaError(f"--tune_method {method} conflicts with --apply_{' --apply_'.join(applied)}")
-    return DeltaConfig(method, adapter_type=a.adapter_type, adapter_size=a.adapter_size, lora_r=a.lora_r,
-                       lora_alpha=a.lora_alpha, prefix_num=a.prefix_num, prefix_r=a.prefix_r)
+    return delta_config_of(method, a)
 
 
-def train_checkpoint_for(path, task):
-    """``--train_checkpoint``: a single delta file, or a folder of ``without_{task}_checkpoint*``."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_file():
-        return path
-    return find_checkpoint(path, f"without_{task}_checkpoint*.safetensors")
+def initial_delta_state(base_model, config: DeltaConfig, seed: int) -> dict:
+    """The random delta a run with ``seed`` starts from: seed, then attach to a copy of the base."""
+    set_seed(seed)
+    scratch = attach_delta(copy.deepcopy(base_model), config)
+    return {k: v.clone() for k, v in delta_state_dict(scratch).items()}
 
 
-def test_checkpoint_for(path, task):
-    """``--test_checkpoint``: a delta file, a task folder, or a folder holding ``{task}/``."""
-    path = Path(path)
-    if path.is_dir() and (path / task).is_dir():
-        return find_checkpoint(path / task)
-    return find_checkpoint(path)
+def text_options(a) -> TextOptions:
+    return TextOptions(a.max_input_length, a.max_output_length, a.truncation_side)
 
 
-def _fmt(x):
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def load_split(task_dir, task, prefix, split, tokenizer, a, one_row_per_answer):
-    examples = read_tsv(split_path(task_dir, task, prefix, split))
-    return tokenize(examples, tokenizer, task, a.max_input_length, a.max_output_length, a.truncation_side,
-                    one_row_per_answer=one_row_per_answer)
-
-
-def run_one(model, tokenizer, task, prefix, lr, bsz, a, device, precision, run_dir, fresh_delta):
-    """One (task, split, lr, bsz) run: train and/or predict; returns its result dict."""
+def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
+    """Train and / or predict one run (skipped when its result.json exists, extended when it used its
+    whole budget and a larger one is asked for); returns its result dict."""
+    run_dir, s = Path(job.run_dir), job.settings
     done = run_dir / "result.json"
     resume = run_dir / "resume.safetensors"
     if done.exists():
-        if not (a.do_train and resume.exists() and can_extend(resume_counters(resume), a.train_iters)):
+        if not (job.do_train and resume.exists() and can_extend(resume_counters(resume), s.train_iters)):
             log.info("%s: already done (%s), skipping", run_dir, done)
             return json.loads(done.read_text())
         done.unlink()  # a finished run given a larger --train_iters continues (train() extends it)
-    metric = metric_for(task)
-    settings = TrainSettings(learning_rate=lr, batch_size=bsz, train_iters=a.train_iters,
-                             valid_interval=a.valid_interval, log_interval=a.log_interval,
-                             early_stop=a.early_stop, predict_batch_size=a.predict_batch_size,
-                             max_output_length=a.max_output_length, seed=a.seed, precision=precision,
-                             progress=a.progress)
+    metric = metric_for(job.task)
     fresh_delta()  # the same seeded random init for every run
-    result = {"task": task, "prefix": prefix, "learning_rate": lr, "batch_size": bsz, "metric": metric,
-              "dev_score": None, "test_score": None}
-    meta = {"task": task, "prefix": prefix, "base_model": str(a.model), "seed": a.seed,
-            "learning_rate": lr, "batch_size": bsz}
-    if a.do_train:
-        train_rows = load_split(a.task_dir, task, prefix, "train", tokenizer, a, True)
-        dev_rows = load_split(a.task_dir, task, prefix, "dev", tokenizer, a, False)
-        init = train_checkpoint_for(a.train_checkpoint, task)
-        summary = train(model, tokenizer, train_rows, dev_rows, metric, settings, run_dir, device,
-                        init_checkpoint=init, meta={**meta, "init": str(init) if init else "random"},
-                        step_budgets=a.step_budgets)
-        result.update(dev_score=summary["best"], best_step=summary["best_step"],
-                      updates=summary["num_updates"], budget_scores=summary["budget_scores"],
-                      init=str(init) if init else "random")
-    if a.do_predict:
-        ckpt = test_checkpoint_for(a.test_checkpoint, task) if a.test_checkpoint else run_dir / "checkpoint-best.safetensors"
+    result = {"task": job.task, "prefix": job.prefix, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
+              "metric": metric, "dev_score": None, "test_score": None}
+    meta = {"task": job.task, "prefix": job.prefix, "base_model": job.model, "seed": s.seed,
+            "learning_rate": s.learning_rate, "batch_size": s.batch_size}
+    if job.do_train:
+        train_rows = load_split(job.task_dir, job.task, job.prefix, "train", tokenizer, job.text, True)
+        dev_rows = load_split(job.task_dir, job.task, job.prefix, "dev", tokenizer, job.text, False)
+        init = init_checkpoint_for(job.train_checkpoint, job.task)
+        summary = train(model, tokenizer, train_rows, dev_rows, metric, s, run_dir, device, init_checkpoint=init,
+                        meta={**meta, "init": str(init) if init else "random"}, step_budgets=job.step_budgets)
+        result.update(dev_score=summary["best"], best_step=summary["best_step"], updates=summary["num_updates"],
+                      budget_scores=summary["budget_scores"], init=str(init) if init else "random")
+    if job.do_predict:
+        ckpt = (test_checkpoint_for(job.test_checkpoint, job.task) if job.test_checkpoint
+                else run_dir / "checkpoint-best.safetensors")
         load_delta(model, ckpt)
-        test_rows = load_split(a.task_dir, task, prefix, "test", tokenizer, a, False)
-        score, preds = score_rows(model, tokenizer, test_rows, metric, settings, device, desc=f"{task} test")
+        test_rows = load_split(job.task_dir, job.task, job.prefix, "test", tokenizer, job.text, False)
+        score, preds = score_rows(model, tokenizer, test_rows, metric, s, device, desc=f"{job.task} test")
         write_predictions(run_dir / "predictions_test.tsv", preds, test_rows.examples)
         result.update(test_score=score, test_checkpoint=str(ckpt))
-    log.info("%s %s lr=%s bsz=%s: dev %s, test %s (%s)", task, prefix, lr, bsz, result["dev_score"],
-             result["test_score"], metric)
+    log.info("%s %s lr=%s bsz=%s: dev %s, test %s (%s)", job.task, job.prefix, s.learning_rate, s.batch_size,
+             result["dev_score"], result["test_score"], metric)
     atomic_write_text(done, json.dumps(result, indent=1))
     return result
 
@@ -117,20 +124,6 @@ def keep_best(task_out: Path, results, runs):
     save_delta(task_out / "checkpoint-best.safetensors", tensors, config, **{**meta, "run": best.name})
 
 
-def rebuild_result_tsv(output_dir: Path, tasks):
-    """``result.tsv``: ``task,dev_score,test_score`` for every finished run, tasks in run order."""
-    lines = []
-    for task in tasks:
-        for done in sorted((output_dir / task / "runs").glob("*/result.json")):
-            r = json.loads(done.read_text())
-            lines.append(f"{task},{r['dev_score']},{r['test_score']}")
-    extra = []
-    old = output_dir / "result.tsv"
-    if old.exists():  # keep lines of tasks that this invocation did not run
-        extra = [ln for ln in old.read_text().splitlines() if ln and ln.split(",")[0] not in tasks]
-    atomic_write_text(old, "\n".join(extra + lines) + "\n")
-
-
 def select_tasks(task_dir, tasks=(), shard=None):
     all_tasks = list_tasks(task_dir)
     if tasks:
@@ -138,12 +131,27 @@ def select_tasks(task_dir, tasks=(), shard=None):
         if missing:
             raise DataError(f"{task_dir}: missing task folder(s) {', '.join(missing)}")
         all_tasks = list(tasks)
-    if shard:
-        i, n = (int(x) for x in str(shard).split("/"))
-        if not 0 <= i < n:
-            raise DataError(f"--shard {shard}: expected i/n with 0 <= i < n")
-        all_tasks = all_tasks[i::n]
-    return all_tasks
+    return shard_of(all_tasks, shard)
+
+
+def grid_jobs(a, task, precision) -> list:
+    """The original's grid for one task: every split prefix x batch size x learning rate."""
+    prefixes = split_prefixes(Path(a.task_dir) / task)
+    if a.one_prefix:
+        prefixes = prefixes[:1]
+    jobs = []
+    for prefix in prefixes:
+        for bsz in a.bsz_list:
+            for lr in a.learning_rate_list:
+                settings = TrainSettings(learning_rate=lr, batch_size=bsz, train_iters=a.train_iters,
+                                         valid_interval=a.valid_interval, log_interval=a.log_interval,
+                                         early_stop=a.early_stop, predict_batch_size=a.predict_batch_size,
+                                         max_output_length=a.max_output_length, seed=a.seed, precision=precision,
+                                         progress=a.progress)
+                jobs.append(TuneJob(task, prefix, a.task_dir, Path(a.output_dir) / task / "runs" / run_name(prefix, lr, bsz),
+                                    settings, text_options(a), str(a.model), a.do_train, a.do_predict,
+                                    a.train_checkpoint, a.test_checkpoint, tuple(a.step_budgets)))
+    return jobs
 
 
 def tune_tasks(a, model, tokenizer, device, precision):
@@ -153,10 +161,8 @@ def tune_tasks(a, model, tokenizer, device, precision):
     output_dir = Path(a.output_dir)
     tasks = select_tasks(a.task_dir, a.tasks, a.shard)
     config = delta_config_from_args(a)
-    set_seed(a.seed)
+    init_state = initial_delta_state(model, config, a.seed)
     attach_delta(model, config)
-    from delta_modules import delta_state_dict, load_delta_state
-    init_state = {k: v.clone() for k, v in delta_state_dict(model).items()}
 
     def fresh_delta():
         load_delta_state(model, init_state)
@@ -164,18 +170,9 @@ def tune_tasks(a, model, tokenizer, device, precision):
     log.info("%s delta, %d trainable parameters, tasks: %s", config.method,
              sum(v.numel() for v in init_state.values()), ", ".join(tasks))
     for task in tasks:
-        prefixes = split_prefixes(Path(a.task_dir) / task)
-        if a.one_prefix:
-            prefixes = prefixes[:1]
-        results, runs = [], []
-        for prefix in prefixes:
-            for bsz in a.bsz_list:
-                for lr in a.learning_rate_list:
-                    run_dir = output_dir / task / "runs" / f"{prefix}_lr_{_fmt(lr)}_bsz_{bsz}"
-                    results.append(run_one(model, tokenizer, task, prefix, lr, bsz, a, device, precision,
-                                           run_dir, fresh_delta))
-                    runs.append(run_dir)
+        jobs = grid_jobs(a, task, precision)
+        results = [run_job(model, tokenizer, job, device, fresh_delta) for job in jobs]
         if a.do_train:
-            keep_best(output_dir / task, results, runs)
+            keep_best(output_dir / task, results, [job.run_dir for job in jobs])
         rebuild_result_tsv(output_dir, tasks)
     return output_dir / "result.tsv"

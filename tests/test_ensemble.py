@@ -14,9 +14,13 @@ import torch
 
 from conftest import REPO, write_task
 from delta_modules import DeltaConfig, DeltaError, read_delta, save_delta
+from pewe import averaging as A
 from pewe import ensemble as E
+from pewe import layout as L
+from pewe import weight_reports as R
+from pewe import weights as W
 from pewe.data import DataError
-from pewe.tuning import train_checkpoint_for
+from pewe.layout import init_checkpoint_for as train_checkpoint_for
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "delta_search_adapter_loss_32x32.txt"
 # the task order of the fixture (its README): line 32*i + j = loss of source j on target i
@@ -85,8 +89,8 @@ def test_real_loss_matrix_leave_one_out_weights(tmp_path):
     path = tmp_path / "result.tsv"
     write_similarity(path, scores, targets, sources)
 
-    read = E.read_similarity(path)
-    weights = E.loo_weights(read, QA32, E.METRIC_SIGN["Loss"], 0.1, targets=QA32)
+    read = L.read_similarity(path)
+    weights = W.loo_weights(read, QA32, W.metric_sign("Loss"), 0.1, targets=QA32)
     assert list(weights) == QA32
     for i, t in enumerate(QA32):
         others = [j for j in range(32) if j != i]
@@ -99,13 +103,13 @@ def test_real_loss_matrix_leave_one_out_weights(tmp_path):
 
 def test_metric_signs():
     lower_is_closer = ["Loss", "KL", "EL2N", "GraNd", "Euclidean"]
-    assert all(E.METRIC_SIGN[m] == -1 for m in lower_is_closer)
-    assert all(E.METRIC_SIGN[m] == 1 for m in ["Cosine_of_Logits_and_Labels", "Cosine", "Performance"])
-    assert E.metric_sign("KL-divergence") == -1 and E.metric_sign("cosine of logits and labels") == 1
-    with pytest.raises(E.EnsembleError, match="unknown metric"):
-        E.metric_sign("Jaccard")
+    assert all(W.metric_sign(m) == -1 for m in lower_is_closer)
+    assert all(W.metric_sign(m) == 1 for m in ["Cosine_of_Logits_and_Labels", "Cosine", "Performance"])
+    assert W.metric_sign("KL-divergence") == -1 and W.metric_sign("cosine of logits and labels") == 1
+    with pytest.raises(W.EnsembleError, match="unknown metric"):
+        W.metric_sign("Jaccard")
     # +1: the most similar (highest) score gets the largest weight
-    w = E.loo_weights({"t": {"a": 0.9, "b": 0.1}}, ["t", "a", "b"], +1, 1.0)["t"]
+    w = W.loo_weights({"t": {"a": 0.9, "b": 0.1}}, ["t", "a", "b"], +1, 1.0)["t"]
     assert w["a"] > w["b"]
 
 
@@ -114,7 +118,7 @@ def test_metric_signs():
 def test_weighted_average_equals_independent_sum(tmp_path):
     deltas = make_sources(tmp_path, ["a", "b", "c"])
     weights = {"a": 0.2, "b": 0.5, "c": 0.3}
-    tensors, config = E.weighted_average([(tmp_path / s / "checkpoint-best.safetensors", w) for s, w in weights.items()])
+    tensors, config = A.weighted_average([(tmp_path / s / "checkpoint-best.safetensors", w) for s, w in weights.items()])
     expect = np_weighted(deltas, weights)
     assert config == LORA and set(tensors) == set(SHAPES)
     for k in SHAPES:
@@ -125,7 +129,7 @@ def test_weighted_average_equals_independent_sum(tmp_path):
 def test_average_streams_one_source_at_a_time(tmp_path, monkeypatch):
     tasks = ["a", "b", "c", "d", "e"]
     make_sources(tmp_path, tasks)
-    alive, live_at_read, read = [], [], E.read_delta
+    alive, live_at_read, read = [], [], A.read_delta
 
     def tracking_read(path):  # how many earlier sources are still in memory when the next is read
         live_at_read.append(sum(r() is not None for r in alive))
@@ -133,8 +137,8 @@ def test_average_streams_one_source_at_a_time(tmp_path, monkeypatch):
         alive.append(weakref.ref(next(iter(tensors.values()))))
         return tensors, cfg, meta
 
-    monkeypatch.setattr(E, "read_delta", tracking_read)
-    E.weighted_average([(tmp_path / t / "checkpoint-best.safetensors", 0.2) for t in tasks])
+    monkeypatch.setattr(A, "read_delta", tracking_read)
+    A.weighted_average([(tmp_path / t / "checkpoint-best.safetensors", 0.2) for t in tasks])
     assert len(live_at_read) == 5 and max(live_at_read) == 0
 
 
@@ -142,7 +146,7 @@ def test_one_source_at_weight_one_is_bitwise_unchanged(tmp_path):
     src = hand_delta(7)
     src["encoder.block.0.layer.0.SelfAttention.q.lora.A"][0, 0] = -0.0  # survives only if nothing is added
     save_delta(tmp_path / "s.safetensors", src, LORA)
-    tensors, _ = E.weighted_average([(tmp_path / "s.safetensors", 1.0)])
+    tensors, _ = A.weighted_average([(tmp_path / "s.safetensors", 1.0)])
     for k, v in src.items():
         assert torch.equal(tensors[k].view(torch.int32), v.view(torch.int32))
 
@@ -150,8 +154,8 @@ def test_one_source_at_weight_one_is_bitwise_unchanged(tmp_path):
 def test_manual_division_averages_exactly_its_group(tmp_path):
     tasks = ["a", "b", "c", "d", "e", "f"]
     deltas = make_sources(tmp_path / "src", tasks)
-    ckpts = E.source_checkpoints(tmp_path / "src", tasks)
-    weights = E.group_weights([["a", "b", "c"], "d+e"], tasks)
+    ckpts = L.source_checkpoints(tmp_path / "src", tasks)
+    weights = W.group_weights([["a", "b", "c"], "d+e"], tasks)
     assert set(weights) == {"a", "b", "c", "d", "e"}  # f is in no group: no output for it
     out = tmp_path / "out"
     E.write_ensemble(out, weights, ckpts, method="manual")
@@ -164,14 +168,14 @@ def test_manual_division_averages_exactly_its_group(tmp_path):
     got, _, _ = read_delta(out / "without_d_checkpoint.safetensors")  # a pair: the other member itself
     assert all(torch.equal(got[k], deltas["e"][k]) for k in SHAPES)
     assert not (out / "without_f_checkpoint.safetensors").exists()
-    with pytest.raises(E.EnsembleError, match="in group 1 and in group 2"):
-        E.group_weights([["a", "b"], ["b", "c"]], tasks)
-    with pytest.raises(E.EnsembleError, match="at least two"):
-        E.group_weights([["a"]], tasks)
+    with pytest.raises(W.EnsembleError, match="in group 1 and in group 2"):
+        W.group_weights([["a", "b"], ["b", "c"]], tasks)
+    with pytest.raises(W.EnsembleError, match="at least two"):
+        W.group_weights([["a"]], tasks)
 
 
 def test_average_of_all_is_the_plain_mean_of_the_others():
-    w = E.average_weights(["a", "b", "c", "d"])
+    w = W.average_weights(["a", "b", "c", "d"])
     assert w["b"] == {"a": 1 / 3, "c": 1 / 3, "d": 1 / 3}
 
 
@@ -181,29 +185,29 @@ def test_refuses_deltas_with_different_configs_or_tensors(tmp_path):
     save_delta(tmp_path / "a.safetensors", hand_delta(1), LORA)
     save_delta(tmp_path / "b.safetensors", hand_delta(2), DeltaConfig("lora", lora_r=2, lora_alpha=32))
     with pytest.raises(DeltaError, match="b.safetensors"):
-        E.weighted_average([(tmp_path / "a.safetensors", 0.5), (tmp_path / "b.safetensors", 0.5)])
+        A.weighted_average([(tmp_path / "a.safetensors", 0.5), (tmp_path / "b.safetensors", 0.5)])
     other = {**hand_delta(3), "encoder.block.0.layer.0.SelfAttention.q.lora.B": torch.zeros(8, 3)}
     save_delta(tmp_path / "c.safetensors", other, LORA)
     with pytest.raises(DeltaError, match=r"c.safetensors: .*lora.B has shape \(8, 3\)"):
-        E.weighted_average([(tmp_path / "a.safetensors", 0.5), (tmp_path / "c.safetensors", 0.5)])
-    with pytest.raises(E.EnsembleError, match="not finite"):
-        E.weighted_average([(tmp_path / "a.safetensors", float("nan"))])
+        A.weighted_average([(tmp_path / "a.safetensors", 0.5), (tmp_path / "c.safetensors", 0.5)])
+    with pytest.raises(W.EnsembleError, match="not finite"):
+        A.weighted_average([(tmp_path / "a.safetensors", float("nan"))])
     with pytest.raises(DeltaError, match="delta = adapter"):
-        E.weighted_average([(tmp_path / "a.safetensors", 1.0)], expect_method="adapter")
+        A.weighted_average([(tmp_path / "a.safetensors", 1.0)], expect_method="adapter")
 
 
 def test_refuses_a_missing_source(tmp_path):
     make_sources(tmp_path, ["a"])
     with pytest.raises(DeltaError, match=str(tmp_path / "zz")):
-        E.source_checkpoints(tmp_path, ["a", "zz"])
-    with pytest.raises(E.EnsembleError, match="target t has no score for source.*b"):
-        E.loo_weights({"t": {"a": 1.0}}, ["t", "a", "b"], -1, 0.1)
+        L.source_checkpoints(tmp_path, ["a", "zz"])
+    with pytest.raises(W.EnsembleError, match="target t has no score for source.*b"):
+        W.loo_weights({"t": {"a": 1.0}}, ["t", "a", "b"], -1, 0.1)
 
 
 @pytest.mark.parametrize("t", [0, -0.1, float("nan"), float("inf")])
 def test_refuses_a_bad_temperature(t):
-    with pytest.raises(E.EnsembleError, match="temperature"):
-        E.loo_weights({"t": {"a": 1.0, "b": 2.0}}, ["a", "b"], -1, t)
+    with pytest.raises(W.EnsembleError, match="temperature"):
+        W.loo_weights({"t": {"a": 1.0, "b": 2.0}}, ["a", "b"], -1, t)
 
 
 @pytest.mark.parametrize("bad, what", [("b,nan", "is nan"), ("b,-inf", "is -inf"), ("b,abc", "not a number"),
@@ -213,10 +217,10 @@ def test_refuses_a_malformed_similarity_line_naming_file_and_line(tmp_path, bad,
     path = tmp_path / "result.tsv"
     path.write_text(f"t\na,0.5\n{bad}\nc,0.1\n")
     with pytest.raises(DataError, match=f"{path}:3: .*{what}"):
-        E.read_similarity(path)
+        L.read_similarity(path)
     path.write_text("a,0.5\nt\n")
     with pytest.raises(DataError, match=f"{path}:1: a source,score line before"):
-        E.read_similarity(path)
+        L.read_similarity(path)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -233,11 +237,11 @@ def test_heat_map_grows_with_n_and_weights_csv_sums_to_one(tmp_path):
         tasks = [f"task-{i:02d}_long-name" for i in range(n)]
         rng = np.random.default_rng(n)
         scores = {t: {s: float(rng.uniform(0, 5)) for s in tasks} for t in tasks}
-        weights = E.loo_weights(scores, tasks, -1, 0.5)
-        E.plot_heat_map(tmp_path / f"hot_{n}.png", weights, tasks)
+        weights = W.loo_weights(scores, tasks, -1, 0.5)
+        R.plot_heat_map(tmp_path / f"hot_{n}.png", weights, tasks)
         sizes.append(png_size(tmp_path / f"hot_{n}.png"))
-        assert np.isnan(np.diag(E.weight_matrix(weights, tasks))).all()
-        E.write_weights_csv(tmp_path / f"w_{n}.csv", weights, tasks, scores)
+        assert np.isnan(np.diag(R.weight_matrix(weights, tasks))).all()
+        R.write_weights_csv(tmp_path / f"w_{n}.csv", weights, tasks, scores)
         with open(tmp_path / f"w_{n}.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == n * (n - 1) and all(r["source"] != r["target"] for r in rows)
@@ -393,11 +397,11 @@ def test_file_sign_follows_scores_json(tmp_path):
     import json as _json
     sim = tmp_path / "result.tsv"
     sim.write_text("a\nb,1.0\n")
-    assert E.file_sign(sim, "Cosine_of_Logits_and_Labels") == 1  # no scores.json: the metric's own sign
+    assert W.file_sign(sim, "Cosine_of_Logits_and_Labels") == 1  # no scores.json: the metric's own sign
     (tmp_path / "scores.json").write_text(_json.dumps({"metric": "Loss", "higher_is_more_similar": False}))
-    assert E.file_sign(sim, "Loss") == -1
-    with pytest.raises(E.EnsembleError, match="scores are Loss .*but metric = Cosine_of_Logits_and_Labels"):
-        E.file_sign(sim, "Cosine_of_Logits_and_Labels")
-    # the data-based signs come from the similarity registry, one source of truth
-    from pewe.similarity import SCORES
-    assert all(E.METRIC_SIGN[n] == (1 if s.higher_is_more_similar else -1) for n, s in SCORES.items())
+    assert W.file_sign(sim, "Loss") == -1
+    with pytest.raises(W.EnsembleError, match="scores are Loss .*but metric = Cosine_of_Logits_and_Labels"):
+        W.file_sign(sim, "Cosine_of_Logits_and_Labels")
+    # the signs come from the score table, one source of truth
+    from pewe.scores import SCORES
+    assert all(W.metric_sign(n) == (1 if s.higher_is_more_similar else -1) for n, s in SCORES.items())

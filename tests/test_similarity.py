@@ -9,8 +9,10 @@ import torch
 
 from conftest import REPO, TINY_TASKS, write_task
 from delta_modules import DeltaConfig, attach_delta, delta_state_dict, save_delta
+from pewe import layout as L
 from pewe import similarity as sim
-from pewe.similarity import SCORES, ScoreOptions, SimilarityEngine, SimilarityError, TokenOutputs
+from pewe.scores import SCORES, TokenOutputs
+from pewe.similarity import ScoreOptions, SimilarityEngine, SimilarityError
 
 sys.path.insert(0, str(REPO / "get_similarity"))
 
@@ -63,7 +65,7 @@ def test_token_scores_match_hand_loops():
 def test_signs_travel_with_the_scores():
     assert {n: s.higher_is_more_similar for n, s in SCORES.items()} == {
         "Loss": False, "KL": False, "EL2N": False, "Cosine_of_Logits_and_Labels": True, "GraNd": False,
-        "block": True}
+        "block": True, "Cosine": True, "Euclidean": False, "Performance": True}
 
 
 def test_block_cosine_matches_hand_loop():
@@ -92,7 +94,7 @@ def test_grand_groups_and_order():
     with pytest.raises(SimilarityError, match="prefix"):
         g("encoder.prefix.embedding", "block")
     names = ["decoder_block_0", "encoder_block_10", "encoder_block_2", "encoder_block_2_layer_1", ""]
-    assert sorted(names, key=sim.group_sort_key) == ["", "encoder_block_2", "encoder_block_2_layer_1",
+    assert sorted(names, key=L.group_sort_key) == ["", "encoder_block_2", "encoder_block_2_layer_1",
                                                       "encoder_block_10", "decoder_block_0"]
 
 
@@ -104,7 +106,7 @@ def test_result_file_layout_round_trips(tmp_path):
     assert [p.name for p in paths] == ["result.tsv"]
     assert (tmp_path / "result.tsv").read_text().splitlines() == ["t1", "s1,0.5", "s2,1.25", "t2", "s1,-3e-09",
                                                                    "s2,2.0"]
-    assert sim.read_result(tmp_path / "result.tsv") == groups[""]
+    assert L.read_similarity(tmp_path / "result.tsv") == groups[""]
     meta = json.loads((tmp_path / "scores.json").read_text())
     assert meta["metric"] == "Cosine_of_Logits_and_Labels" and meta["higher_is_more_similar"] is True
     assert meta["options"]["num_batches"] == 1
@@ -268,7 +270,7 @@ def test_end_to_end_loss_prefers_the_task_own_delta(tiny_backbone, tiny_tasks, t
     assert get_Loss.main(_common(tiny_backbone, tiny_tasks, tuned, tmp_path) + [
         "--do_train", "--do_predict", "--learning_rate_list", "5e-4", "--bsz_list", "8", "--warmup_steps", "200",
         "--tune_method", "adapter", "--apply_adapter", "--adapter_type", "houlsby", "--adapter_size", "8"]) == 0
-    table = sim.read_result(tmp_path / "result.tsv")
+    table = L.read_similarity(tmp_path / "result.tsv")
     assert list(table) == list(TINY_TASKS) and all(list(row) == list(TINY_TASKS) for row in table.values())
     own_best = [t for t, row in table.items() if min(row, key=row.get) == t]
     assert len(own_best) >= 2, table
@@ -290,18 +292,18 @@ def test_end_to_end_every_entry_writes_its_files(tiny_backbone, tiny_tasks, tune
     assert get_GraNd.main(common("GraNd")) == 0
     assert get_GraNd.main(common("GraNd_layer") + ["--mode", "layer", "--tasks", "csqa2"]) == 0
     assert get_block.main(common("block") + ref + ["--source_tasks", "babi-qa1", "csqa2"]) == 0
-    kl = sim.read_result(tmp_path / "KL" / "result.tsv")
+    kl = L.read_similarity(tmp_path / "KL" / "result.tsv")
     assert all(row[t] == pytest.approx(0, abs=1e-4) for t, row in kl.items())  # same delta as the reference
     for d in ("EL2N", "cos", "GraNd"):
-        table = sim.read_result(tmp_path / d / "result.tsv")
+        table = L.read_similarity(tmp_path / d / "result.tsv")
         assert list(table) == list(TINY_TASKS) and all(len(r) == 3 for r in table.values())
     assert json.loads((tmp_path / "cos" / "scores.json").read_text())["options"]["num_batches"] == 0
     layer = sorted(p.name for p in (tmp_path / "GraNd_layer").glob("*_result.tsv"))
     assert len(layer) == 10 and "decoder_block_1_layer_2_result.tsv" in layer
-    assert sim.read_result(tmp_path / "GraNd_layer" / "encoder_block_0_layer_1_result.tsv").keys() == {"csqa2"}
+    assert L.read_similarity(tmp_path / "GraNd_layer" / "encoder_block_0_layer_1_result.tsv").keys() == {"csqa2"}
     blocks = sorted(p.name for p in (tmp_path / "block").glob("*_result.tsv"))
     assert blocks == sorted(f"{s}_block_{i}_result.tsv" for s in ("encoder", "decoder") for i in range(2))
-    b = sim.read_result(tmp_path / "block" / "decoder_block_1_result.tsv")
+    b = L.read_similarity(tmp_path / "block" / "decoder_block_1_result.tsv")
     assert b["csqa2"]["csqa2"] == pytest.approx(8, rel=1e-5)  # 8 dev rows, each cosine 1 with itself
     assert list(b["babi-qa1"]) == ["babi-qa1", "csqa2"]
 
@@ -333,4 +335,4 @@ def test_shell_script_runs_from_its_folder(tiny_backbone, tiny_tasks, tuned, tmp
     run = subprocess.run(["bash", "adapter_Loss.sh", "--precision", "fp32", "--device", "cpu", "--tasks", "csqa2"],
                          cwd=folder, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert list(sim.read_result(tmp_path / "out" / "result.tsv")) == ["csqa2"]
+    assert list(L.read_similarity(tmp_path / "out" / "result.tsv")) == ["csqa2"]

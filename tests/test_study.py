@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import dev_all_ckpt
 import run_study
 from conftest import TINY_TASKS, write_task
-from pewe import study
+from pewe.study import report as study
 
 torch.set_num_threads(1)
 

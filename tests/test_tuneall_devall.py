@@ -15,8 +15,10 @@ import delta_modules as dm
 from conftest import REPO
 from pewe import delta_scores as S
 from pewe import ensemble as E
+from pewe import layout as L
+from pewe import weights as W
 from pewe.data import DataError
-from pewe.tuning import train_checkpoint_for
+from pewe.layout import init_checkpoint_for as train_checkpoint_for
 
 LORA = dm.DeltaConfig("lora", lora_r=2)
 SHAPES = {"x.lora.A": (2, 3), "x.lora.B": (3, 2), "y.lora.A": (2, 5)}  # hand-made, sizes differ on purpose
@@ -99,8 +101,8 @@ def test_score_matrices_stream_files(tmp_path):
             if s != t:
                 tuned[t, s] = hand_delta(100 + 10 * tasks.index(t) + tasks.index(s))
                 dm.save_delta(tmp_path / "tuned" / t / s / "checkpoint-best.safetensors", tuned[t, s], LORA)
-    sources = E.source_checkpoints(tmp_path / "src", tasks)
-    cos = S.cosine_scores(E.source_checkpoints(tmp_path / "rnd", tasks), sources, expect_method="lora")
+    sources = L.source_checkpoints(tmp_path / "src", tasks)
+    cos = S.cosine_scores(L.source_checkpoints(tmp_path / "rnd", tasks), sources, expect_method="lora")
     dist = S.euclidean_scores(sources, tmp_path / "tuned", tasks, "best", expect_method="lora")
     for t in tasks:
         assert list(cos[t]) == tasks and list(dist[t]) == [s for s in tasks if s != t]
@@ -108,8 +110,8 @@ def test_score_matrices_stream_files(tmp_path):
             assert cos[t][s] == pytest.approx(np_cos_mean(rnd[t], src[s]), abs=1e-12)
             if s != t:
                 assert dist[t][s] == pytest.approx(np_distance(src[s], tuned[t, s]), rel=1e-12)
-    S.write_similarity(tmp_path / "result.tsv", dist)
-    assert E.read_similarity(tmp_path / "result.tsv") == dist  # repr round-trips every float
+    E.write_score_file(tmp_path, dist, "Euclidean")
+    assert L.read_similarity(tmp_path / "result.tsv") == dist  # repr round-trips every float
     with pytest.raises(dm.DeltaError, match="a lora delta, but delta = adapter"):
         S.euclidean_scores(sources, tmp_path / "tuned", tasks, expect_method="adapter")
     with pytest.raises(dm.DeltaError, match="run tune_all_ckpt.py for target t1, source t2"):
@@ -187,7 +189,7 @@ def test_tune_all_keeps_best_and_last_per_pair_and_skips_on_rerun(study):
         _, _, best_meta = dm.read_delta(d / "checkpoint-best.safetensors")
         assert best_meta["dev_score"] == r["dev_score"] and best_meta["init"].endswith(f"{s}/checkpoint-best.safetensors")
         dm.load_delta(model, d / "checkpoint-last.safetensors")
-    table = E.read_similarity(out / "result.tsv")
+    table = L.read_similarity(out / "result.tsv")
     assert {t: set(row) for t, row in table.items()} == {t: set(TASKS) - {t} for t in TASKS}
     assert "results:" in study["tune_all_stdout"]
 
@@ -211,7 +213,7 @@ def test_tune_all_keeps_best_and_last_per_pair_and_skips_on_rerun(study):
 
 def test_dev_all_writes_zero_shot_scores_in_the_similarity_layout(study):
     out = study["dev_all"]
-    table = E.read_similarity(out / "result.tsv")
+    table = L.read_similarity(out / "result.tsv")
     assert list(table) == sorted(TASKS) and all(set(row) == set(TASKS) - {t} for t, row in table.items())
     assert json.loads((out / "result.json").read_text()) == table
     assert all(0 <= x <= 1 for row in table.values() for x in row.values())
@@ -220,10 +222,10 @@ def test_dev_all_writes_zero_shot_scores_in_the_similarity_layout(study):
 
 def check_outputs(save, model, scores, metric):
     """Every target's averaged delta loads into a real model, result.tsv holds the scores."""
-    assert E.read_similarity(save / "result.tsv") == scores
+    assert L.read_similarity(save / "result.tsv") == scores
     meta = json.loads((save / "scores.json").read_text())  # unit_model_others.py can reuse result.tsv
     assert meta["metric"] == metric and meta["higher_is_more_similar"] == (metric != "Euclidean")
-    assert E.file_sign(save / "result.tsv", metric) == E.metric_sign(metric)
+    assert W.file_sign(save / "result.tsv", metric) == W.metric_sign(metric)
     for t in TASKS:
         ckpt = train_checkpoint_for(save, t)
         assert ckpt == save / f"without_{t}_checkpoint.safetensors"
@@ -243,7 +245,7 @@ def test_unit_models_cos_euclidean_performance(study, tmp_path):
             cwd=REPO / "unit_model")
     assert str(save) in r.stdout
     cos = {t: {s: np_cos_mean(src[t], src[s]) for s in TASKS} for t in TASKS}
-    got = E.read_similarity(save / "result.tsv")
+    got = L.read_similarity(save / "result.tsv")
     for t in TASKS:
         assert got[t][t] == pytest.approx(1.0) and all(got[t][s] == pytest.approx(cos[t][s], abs=1e-9) for s in TASKS)
     check_outputs(save, model, got, "Cosine")
@@ -253,7 +255,7 @@ def test_unit_models_cos_euclidean_performance(study, tmp_path):
     assert load_script("unit_model_Euclidean").main([*common, f"--tuned_ckpt_path={study['tune_all']}",
                                                      f"--save_ckpt_path={save}"]) == 0
     tuned = {(t, s): read_tensors(study["tune_all"] / t / s / "checkpoint-best.safetensors") for t, s in pairs()}
-    got = E.read_similarity(save / "result.tsv")
+    got = L.read_similarity(save / "result.tsv")
     for t in TASKS:
         others = [s for s in TASKS if s != t]
         dist = np.array([np_distance(src[s], tuned[t, s]) for s in others])
@@ -271,8 +273,8 @@ def test_unit_models_cos_euclidean_performance(study, tmp_path):
     assert load_script("unit_model_Performance").main([*common, f"--tuned_ckpt_path={study['tune_all']}",
                                                        f"--zero_shot_path={study['dev_all'] / 'result.tsv'}",
                                                        f"--save_ckpt_path={save}", "--tem=0.5"]) == 0
-    zero = E.read_similarity(study["dev_all"] / "result.tsv")
-    got = E.read_similarity(save / "result.tsv")
+    zero = L.read_similarity(study["dev_all"] / "result.tsv")
+    got = L.read_similarity(save / "result.tsv")
     for t in TASKS:
         others = [s for s in TASKS if s != t]
         dev = [json.loads((study["tune_all"] / t / s / "result.json").read_text())["dev_score"] for s in others]

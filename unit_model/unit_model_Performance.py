@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from pewe.model import REPO  # noqa: E402
 
 _RUNS = REPO / "runs" / "{delta}"  # where the scripts of this repo put their outputs ({delta} = the tunable below)
-_METRIC = "Performance"  # pewe.ensemble.METRIC_SIGN: higher = closer
+_METRIC = "Performance"  # pewe.scores: higher = closer
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every delta
 tem = 0.001  # softmax temperature (the paper: 0.001)
@@ -46,27 +46,30 @@ def main(argv=None):
 def _run(a):
     from pewe import delta_scores as S
     from pewe import ensemble as E
+    from pewe import layout as L
+    from pewe import weights as W
+    from pewe.scores import check_temperature
 
     E.check_delta_name(a.delta)
-    S.check_temperature(a.tem)
+    check_temperature(a.tem)
     if a.average not in ("tuned", "source"):
-        raise E.EnsembleError(f"average must be tuned or source, not {a.average!r}")
+        raise W.EnsembleError(f"average must be tuned or source, not {a.average!r}")
     fields = {"delta": a.delta}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
     tuned_dir, zero_path = E.fill_path(a.tuned_ckpt_path, **fields), E.fill_path(a.zero_shot_path, **fields)
     tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = E.source_checkpoints(source_dir, tasks)
+    checkpoints = L.source_checkpoints(source_dir, tasks)
     tuned = S.read_tuned_scores(tuned_dir, tasks, tasks, a.tuned_checkpoint)
-    scores = S.performance_scores(tuned, E.read_similarity(zero_path), tasks, tasks, where=str(zero_path))
-    sim = S.write_similarity(save_dir / "result.tsv", scores, _METRIC, tuned=str(tuned_dir), zero_shot=str(zero_path),
+    scores = S.performance_scores(tuned, L.read_similarity(zero_path), tasks, tasks, where=str(zero_path))
+    sim = E.write_score_file(save_dir, scores, _METRIC, tuned=str(tuned_dir), zero_shot=str(zero_path),
                              tuned_checkpoint=a.tuned_checkpoint)
-    weights = E.loo_weights(scores, tasks, E.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
+    weights = W.loo_weights(scores, tasks, W.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
     meta = dict(scores=scores, temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()), averaged=a.average)
     if a.average == "tuned":
         per_target = {t: {s: S.tuned_checkpoint(tuned_dir, t, s, a.tuned_checkpoint) for s in w}
                       for t, w in weights.items()}
-        S.write_ensemble_per_target(save_dir, weights, per_target, tasks, method="softmax", expect_method=a.delta,
-                                    **meta)
+        E.write_ensemble(save_dir, weights, per_target, method="softmax", sources=tasks, expect_method=a.delta,
+                         **meta)
     else:
         E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, **meta)
     print(f"{sim}: {len(weights)} targets x {len(tasks) - 1} sources, softmax(+gain/{a.tem:g}), "

@@ -35,16 +35,18 @@ def main(argv=None):
 
 def _run(a):
     from pewe import ensemble as E
+    from pewe import layout as L
+    from pewe import weights as W
 
     E.check_delta_name(a.delta)
-    groups = E.parse_groups(a.groups)
+    groups = W.parse_groups(a.groups)
     division = "manual" if groups else "average"
     fields = {"delta": a.delta, "division": division}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
-    grouped = E.group_weights(groups) if groups else {}  # the groups themselves, checked before any file
+    grouped = W.group_weights(groups) if groups else {}  # the groups themselves, checked before any file
     tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list or list(grouped))
-    checkpoints = E.source_checkpoints(source_dir, tasks)
-    weights = E.group_weights(groups, tasks) if groups else E.average_weights(tasks)
+    checkpoints = L.source_checkpoints(source_dir, tasks)
+    weights = W.group_weights(groups, tasks) if groups else W.average_weights(tasks)
     E.write_ensemble(save_dir, weights, checkpoints, method=division, expect_method=a.delta,
                      groups=groups or None)
     what = f"{len(groups)} groups" if groups else "all other sources"

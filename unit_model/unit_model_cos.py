@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from pewe.model import REPO  # noqa: E402
 
 _RUNS = REPO / "runs" / "{delta}"  # where the scripts of this repo put their outputs ({delta} = the tunable below)
-_METRIC = "Cosine"  # pewe.ensemble.METRIC_SIGN: higher = closer
+_METRIC = "Cosine"  # pewe.scores: higher = closer
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every delta
 tem = 0.001  # softmax temperature (the paper: 0.001)
@@ -41,18 +41,21 @@ def main(argv=None):
 def _run(a):
     from pewe import delta_scores as S
     from pewe import ensemble as E
+    from pewe import layout as L
+    from pewe import weights as W
+    from pewe.scores import check_temperature
 
     E.check_delta_name(a.delta)
-    S.check_temperature(a.tem)
+    check_temperature(a.tem)
     fields = {"delta": a.delta}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
     random_dir = E.fill_path(a.random_tuned_ckpt_path, **fields)
     tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = E.source_checkpoints(source_dir, tasks)
-    tuned = E.source_checkpoints(random_dir, tasks)  # {target: its delta tuned from random init}
+    checkpoints = L.source_checkpoints(source_dir, tasks)
+    tuned = L.source_checkpoints(random_dir, tasks)  # {target: its delta tuned from random init}
     scores = S.cosine_scores(tuned, checkpoints, expect_method=a.delta)
-    sim = S.write_similarity(save_dir / "result.tsv", scores, _METRIC, sources=str(source_dir), tuned=str(random_dir))
-    weights = E.loo_weights(scores, tasks, E.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
+    sim = E.write_score_file(save_dir, scores, _METRIC, sources=str(source_dir), tuned=str(random_dir))
+    weights = W.loo_weights(scores, tasks, W.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
     E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
                      temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()))
     print(f"{sim}: {len(weights)} targets x {len(tasks)} sources, softmax(+cosine/{a.tem:g})")

@@ -19,7 +19,7 @@ _RUNS = REPO / "runs" / "{delta}"  # where the scripts of this repo put their ou
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every source delta
 tem = 0.1  # softmax temperature (paper: 0.1 for Loss, Euclidean; 0.001 for Cosine, Performance)
-metric = "Loss"  # similarity metric, gives the sign (pewe.ensemble.METRIC_SIGN): Loss, KL, EL2N, GraNd, Cosine, ...
+metric = "Loss"  # similarity metric, gives the sign (pewe.scores): Loss, KL, EL2N, GraNd, Cosine, ...
 origin_data_path = str(REPO / "data" / "fewshot")  # folder of task folders: their names are the targets
 source_ckpt_path = str(_RUNS / "sources")  # {task}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
 sim_path = str(_RUNS / "similarity" / "{metric}" / "result.tsv")  # similarity result.tsv, or a folder of *_result.tsv (block / layer) files
@@ -37,19 +37,21 @@ def main(argv=None):
 
 def _run(a):
     from pewe import ensemble as E
+    from pewe import layout as L
+    from pewe import weights as W
 
     E.check_delta_name(a.delta)
-    sign = E.metric_sign(a.metric)
+    sign = W.metric_sign(a.metric)
     fields = {"delta": a.delta, "metric": a.metric}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
-    files = E.similarity_files(E.fill_path(a.sim_path, **fields))
+    files = L.similarity_files(E.fill_path(a.sim_path, **fields))
     tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = E.source_checkpoints(source_dir, tasks)
+    checkpoints = L.source_checkpoints(source_dir, tasks)
     # every file's weights first, so a bad file stops the run before anything is written
     plans = []
     for sim, sub in files:
-        scores = E.read_similarity(sim)
-        weights = E.loo_weights(scores, tasks, E.file_sign(sim, a.metric), a.tem, targets=tasks, where=str(sim))
+        scores = L.read_similarity(sim)
+        weights = W.loo_weights(scores, tasks, W.file_sign(sim, a.metric), a.tem, targets=tasks, where=str(sim))
         plans.append((sim, save_dir / sub if sub else save_dir, scores, weights))
     for sim, out, scores, weights in plans:
         E.write_ensemble(out, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,

@@ -1,0 +1,244 @@
+"""On-disk layouts: one reader and one writer for each kind of folder or file the scripts share.
+
+- ``--shard i/n``: ``parse_shard`` / ``shard_of``.
+- a tuning run's folder name: ``run_name`` (``{prefix}_lr_{lr}_bsz_{bsz}``).
+- a folder of source deltas (a tune_hps_singletask.py output_dir): ``{task}/checkpoint-best.safetensors``,
+  listed by ``source_checkpoints``; one checkpoint found by ``find_checkpoint``.
+- an averaged-delta folder (a unit_model script's or the study's ``init/{init}``): one
+  ``without_{task}_checkpoint.safetensors`` (+ .json) per target, ``init_path`` / ``init_checkpoint_for``.
+- a tuning output folder's ``result.tsv``: ``task,dev_score,test_score`` per run, rebuilt from the
+  runs' ``result.json`` by ``rebuild_result_tsv``.
+- a similarity folder: ``result.tsv`` (or ``{group}_result.tsv`` per block / layer) in the original's
+  layout (a target-name line, then ``source,score`` lines; comma separated despite .tsv) and
+  ``scores.json`` beside it (the score, its direction, the options): ``write_similarity`` /
+  ``read_similarity`` / ``read_similarity_meta`` / ``similarity_files``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from pewe.atomic import atomic_write_text
+from pewe.data import DataError
+from pewe.errors import UserError
+from delta_modules import DeltaError
+
+SOURCE_PATTERN = "checkpoint-best*.safetensors"
+INIT_PATTERN = "without_{task}_checkpoint.safetensors"
+
+
+# --------------------------------------------------------------------------- shards and run folders
+
+def parse_shard(shard, option="--shard"):
+    """``(i, n)`` of an ``i/n`` option (``""`` / None: no sharding, None)."""
+    if not shard:
+        return None
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise UserError(f"{option} {shard}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UserError(f"{option} {shard}: expected i/n with 0 <= i < n")
+    return i, n
+
+
+def shard_of(items, shard, option="--shard") -> list:
+    """Every n-th item starting at i, for ``shard`` "i/n" ("" = all)."""
+    parsed = parse_shard(shard, option)
+    items = list(items)
+    return items if parsed is None else items[parsed[0]::parsed[1]]
+
+
+def run_name(prefix, learning_rate, batch_size) -> str:
+    """The folder of one (split, lr, batch size) run of tune_hps_singletask.py's grid."""
+    lr = f"{learning_rate:g}" if isinstance(learning_rate, float) else str(learning_rate)
+    return f"{prefix}_lr_{lr}_bsz_{batch_size}"
+
+
+# --------------------------------------------------------------------------- delta folders
+
+def find_checkpoint(path, pattern=SOURCE_PATTERN) -> Path:
+    """A delta file: ``path`` itself, or the single file matching ``pattern`` inside the folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    hits = sorted(path.glob(pattern)) if path.is_dir() else []
+    if not hits:
+        raise DeltaError(f"{path}: no delta checkpoint matching {pattern}")
+    if len(hits) > 1:
+        raise DeltaError(f"{path}: several checkpoints match {pattern}: {[h.name for h in hits]}")
+    return hits[0]
+
+
+def source_checkpoints(root, names=()) -> dict:
+    """``{task: delta path}`` of a folder of source deltas: the named tasks (each must have one), or
+    every subfolder holding a ``checkpoint-best*.safetensors``, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DeltaError(f"{root}: no such folder of source deltas ({{task}}/{SOURCE_PATTERN})")
+    if names:
+        return {str(n): find_checkpoint(root / str(n)) for n in names}
+    found = {d.name: find_checkpoint(d) for d in sorted(root.iterdir()) if d.is_dir() and any(d.glob(SOURCE_PATTERN))}
+    if not found:
+        raise DeltaError(f"{root}: no source deltas ({{task}}/{SOURCE_PATTERN}); train them with "
+                         f"tune_hps_singletask.py --output_dir {root}")
+    return found
+
+
+def init_path(init_dir, task) -> Path:
+    """Where an averaged-delta folder keeps the initial delta of ``task``."""
+    return Path(init_dir) / INIT_PATTERN.format(task=task)
+
+
+def init_checkpoint_for(path, task):
+    """``--train_checkpoint``: a single delta file, or a folder of ``without_{task}_checkpoint*``."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return path
+    return find_checkpoint(path, f"without_{task}_checkpoint*.safetensors")
+
+
+def test_checkpoint_for(path, task) -> Path:
+    """``--test_checkpoint``: a delta file, a task folder, or a folder holding ``{task}/``."""
+    path = Path(path)
+    if path.is_dir() and (path / task).is_dir():
+        return find_checkpoint(path / task)
+    return find_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- a tuning output folder
+
+def rebuild_result_tsv(output_dir, tasks):
+    """``result.tsv``: ``task,dev_score,test_score`` for every finished run, tasks in run order."""
+    output_dir = Path(output_dir)
+    lines = []
+    for task in tasks:
+        for done in sorted((output_dir / task / "runs").glob("*/result.json")):
+            r = json.loads(done.read_text())
+            lines.append(f"{task},{r['dev_score']},{r['test_score']}")
+    extra = []
+    old = output_dir / "result.tsv"
+    if old.exists():  # keep lines of tasks that this invocation did not run
+        extra = [ln for ln in old.read_text().splitlines() if ln and ln.split(",")[0] not in tasks]
+    atomic_write_text(old, "\n".join(extra + lines) + "\n")
+
+
+# --------------------------------------------------------------------------- similarity files
+
+def result_file(group: str) -> str:
+    return "result.tsv" if group == "" else f"{group}_result.tsv"
+
+
+_STACK_ORDER = {"encoder": 0, "decoder": 1}
+
+
+def group_sort_key(group: str):
+    """encoder before decoder, blocks and layers in numeric order (``""`` first)."""
+    m = re.match(r"^(encoder|decoder)_block_(\d+)(?:_layer_(\d+))?$", group)
+    if m is None:
+        return (-1, 0, 0, group)
+    return (_STACK_ORDER[m.group(1)], int(m.group(2)), int(m.group(3) or 0), group)
+
+
+def format_similarity(table: dict) -> str:
+    """{target: {source: score}} in the original's layout: a target line, then ``source,score`` lines."""
+    lines = []
+    for target, row in table.items():
+        lines.append(target)
+        lines.extend(f"{source},{float(score)!r}" for source, score in row.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_similarity(out_dir, metric, groups: dict, *, higher_is_more_similar, reduction=None, **meta) -> list:
+    """One result file per group ({group: {target: {source: score}}}, "" = ``result.tsv``) and
+    ``scores.json`` (the score, its direction, ``meta``); returns the result file paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for group in sorted(groups, key=group_sort_key):
+        path = out_dir / result_file(group)
+        atomic_write_text(path, format_similarity(groups[group]))
+        paths.append(path)
+    info = {"metric": metric, "higher_is_more_similar": higher_is_more_similar, "reduction": reduction,
+            "files": [p.name for p in paths], **meta}
+    atomic_write_text(out_dir / "scores.json", json.dumps(info, indent=1))
+    return paths
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_similarity(path) -> dict:
+    """``{target: {source: score}}`` from a similarity ``result.tsv``, by name, refusing every malformed
+    line (with its file and line number) and every non-finite score."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such similarity file")
+    scores, target, target_line = {}, None, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            if "," not in line:  # a target-name line opens a block
+                if re.search(r"\s", line) or _is_number(line):
+                    raise DataError(f"{path}:{lineno}: expected a target name or 'source,score', got {line!r} "
+                                    f"(layout: a target-name line, then its source,score lines)")
+                if target is not None and not scores[target]:
+                    raise DataError(f"{path}:{target_line}: target {target} has no source,score lines")
+                if line in scores:
+                    raise DataError(f"{path}:{lineno}: target {line} appears twice")
+                target, target_line = line, lineno
+                scores[target] = {}
+                continue
+            fields = [x.strip() for x in line.split(",")]
+            if len(fields) != 2 or not fields[0]:
+                raise DataError(f"{path}:{lineno}: expected 'source,score', got {line!r}")
+            if target is None:
+                raise DataError(f"{path}:{lineno}: a source,score line before any target-name line")
+            source, text = fields
+            try:
+                score = float(text)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: score {text!r} of source {source} is not a number") from None
+            if not math.isfinite(score):
+                raise DataError(f"{path}:{lineno}: score of source {source} for target {target} is {text}")
+            if source in scores[target]:
+                raise DataError(f"{path}:{lineno}: source {source} appears twice for target {target}")
+            scores[target][source] = score
+    if target is None:
+        raise DataError(f"{path}: no similarity scores (empty file)")
+    if not scores[target]:
+        raise DataError(f"{path}:{target_line}: target {target} has no source,score lines")
+    return scores
+
+
+def read_similarity_meta(sim_path):
+    """The ``scores.json`` beside a similarity file, or None when there is none."""
+    meta = Path(sim_path).parent / "scores.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text())
+
+
+def similarity_files(sim_path) -> list:
+    """``[(path, out_subfolder)]``: one result.tsv (no subfolder), or each ``*_result.tsv`` of a
+    folder (block / layer files) with its file stem as subfolder."""
+    sim_path = Path(sim_path)
+    if sim_path.is_file():
+        return [(sim_path, None)]
+    if sim_path.is_dir():
+        natural = lambda f: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", f.name)]  # block_2 < block_10
+        files = sorted(sim_path.glob("*_result.tsv"), key=natural)
+        if not files:
+            raise DataError(f"{sim_path}: a folder without *_result.tsv similarity files")
+        return [(f, f.stem) for f in files]
+    raise DataError(f"{sim_path}: no such similarity file or folder")

@@ -1,0 +1,277 @@
+"""Step ``report``: report.md, report.csv, gain.png and heatmaps/, rebuilt from the files alone (any
+process, any time); it first rebuilds the files that gather all targets, which shards running at the
+same time may each have written before the others finished.
+
+Choices shown in the report: one data split per task (the first ``{task}_{k}_{seed}`` prefix); seeds
+vary the delta's random init, the data order and dropout; one learning rate and batch size (the
+paper's 5e-4, 8). ``manual``: groups are ``task_list.BUNDLED_GROUPS`` restricted to the study tasks
+(``task_list.groups_for``); a target left alone in its group gets no manual initialisation (its cell
+is "—"): falling back to the average of all would repeat the ``average`` row under another name. The
+dev score is recorded at each step budget; the test score only after early stopping (scoring test at
+the budgets would need a hook in the trainer). A budget beyond the update at which a run stopped has
+no score (blank in report.csv, "—" in tables).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pewe.atomic import atomic_write_bytes, atomic_write_text
+from pewe.data import first_prefix, read_tsv, split_path
+from pewe.layout import rebuild_result_tsv, run_name
+from pewe.metrics import evaluate, majority_answer, metric_for
+from pewe.scores import score_spec, temperature_text
+from pewe.study.ensemble import read_init_weights, write_init_summary
+from pewe.study.plan import StudyPlan
+from pewe.study.similarity import write_similarity_files
+
+FLAG_SHARE = 0.5  # a test set whose most frequent answer exceeds this share is flagged
+EARLY = "early_stop"  # the budget name of the early-stopped best delta in report.csv
+
+
+def majority_baseline(task_dir, task) -> dict:
+    """The "always give the most frequent answer" score of ``task``'s test split, and that answer's share."""
+    examples = read_tsv(split_path(task_dir, task, first_prefix(task_dir, task), "test"))
+    answers = [ex.answers for ex in examples]
+    answer = majority_answer(answers)
+    share = Counter(a[0] for a in answers)[answer] / len(answers)
+    metric = metric_for(task)
+    return {"task": task, "metric": metric, "answer": answer, "share": share, "n": len(answers),
+            "score": evaluate([answer] * len(answers), answers, metric), "flagged": share > FLAG_SHARE}
+
+
+def collect(p: StudyPlan) -> list:
+    """Tidy rows (method, init, target, seed, budget, split, score) of every finished run."""
+    rows = []
+    for method in p.methods:
+        for init in p.all_inits:
+            for seed in p.seeds:
+                for target in p.tasks:
+                    done = (p.tuned_dir(method, init, seed) / target / "runs"
+                            / run_name(first_prefix(p.target_task_dir, target), p.learning_rate, p.batch_size)
+                            / "result.json")
+                    if not done.is_file():
+                        continue
+                    r = json.loads(done.read_text())
+                    key = (method, init, target, seed)
+                    rows.append((*key, EARLY, "test", r["test_score"]))
+                    rows.append((*key, EARLY, "dev", r["dev_score"]))
+                    budgets = r.get("budget_scores") or {}
+                    rows += [(*key, str(b), "dev", budgets.get(str(b))) for b in p.budgets]
+    return rows
+
+
+def select(rows, method, budget, split) -> dict:
+    """{(init, target): {seed: score}} of one table (missing budgets dropped)."""
+    out = {}
+    for m, init, target, seed, b, s, score in rows:
+        if m == method and b == budget and s == split and score is not None:
+            out.setdefault((init, target), {})[seed] = score
+    return out
+
+
+def mean_std(values):
+    """(mean, sample std) of a list; std None for a single value."""
+    values = list(values)
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_cell(values) -> str:
+    """Mean ± std (sample std over seeds) in points (score x 100), "—" when nothing is there."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def row_mean(cells: dict, targets, seeds):
+    """Per seed the mean over the targets that have that seed, then those means over seeds; and
+    whether every target contributed."""
+    per_seed = []
+    for s in seeds:
+        vals = [cells[t][s] for t in targets if s in cells.get(t, {})]
+        if vals:
+            per_seed.append(statistics.fmean(vals))
+    complete = all(set(seeds) <= set(cells.get(t, {})) for t in targets)
+    return per_seed, complete
+
+
+def gains(rows, method, init, seeds, targets):
+    """Per seed: the mean over targets of (test score from ``init`` - test score from random)."""
+    table = select(rows, method, EARLY, "test")
+    out = []
+    for s in seeds:
+        diffs = [table[(init, t)][s] - table[("random", t)][s] for t in targets
+                 if s in table.get((init, t), {}) and s in table.get(("random", t), {})]
+        if diffs:
+            out.append(statistics.fmean(diffs))
+    return out
+
+
+# --------------------------------------------------------------------------- report: files
+
+def md_table(header, body) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def score_table(rows, p, method, budget, split, majority) -> list:
+    """Rows: initialisations; columns: targets (dominated ones marked †) and the mean. The test
+    table ends with the majority-answer score, the floor that transfer has to beat."""
+    table = select(rows, method, budget, split)
+    header = ["init", *[f"{m['task']} †" if m["flagged"] else m["task"] for m in majority], "mean"]
+    body = []
+    for init in p.all_inits:
+        cells = {t: table.get((init, t), {}) for t in p.tasks}
+        per_seed, complete = row_mean(cells, p.tasks, p.seeds)
+        mean = fmt_cell(per_seed) + ("" if complete or not per_seed else " *")
+        body.append([init, *[fmt_cell(cells[t].values()) for t in p.tasks], mean])
+    if split == "test":
+        scores = [m["score"] for m in majority]
+        body.append(["*majority answer*", *[fmt_cell([x]) for x in scores], fmt_cell([statistics.fmean(scores)])])
+    return md_table(header, body)
+
+
+def gain_text(rows, p, method, init) -> str:
+    """Mean ± std over seeds of the mean test gain over random init (* = not every target)."""
+    partial = not all(p.covers(init, t) for t in p.tasks)
+    return f"{init} {fmt_cell(gains(rows, method, init, p.seeds, p.tasks))}" + (" *" if partial else "")
+
+
+def init_temperature(p: StudyPlan, init) -> str:
+    if init not in p.scores:
+        return "—"
+    return temperature_text(score_spec(init), p.temperatures[init], p.per_token)
+
+
+def weights_lines(p: StudyPlan, method) -> list:
+    """Per initialisation: temperature, mean effective number of sources (1 / sum w^2), heat map."""
+    body = []
+    for init in p.init_names:
+        weights = read_init_weights(p, method, init)
+        if not weights:
+            continue
+        eff = statistics.fmean(1 / sum(w * w for w in ws.values()) for ws in weights.values())
+        temp = init_temperature(p, init)
+        heat = p.init_dir(method, init) / "hot_pic_all.png"
+        link = "—"
+        if heat.is_file():
+            dest = p.out / "heatmaps" / f"{method}_{init}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(heat, dest)
+            link = f"![{method} {init}](heatmaps/{dest.name})"
+        body.append([init, temp, f"{eff:.2f}", f"{len(weights)}/{len(p.tasks)}", link])
+    if not body:
+        return []
+    return md_table(["init", "T", "effective sources", "targets", "heat map"], body)
+
+
+def plot_gain(path, rows, p):
+    """Grouped bars: per initialisation (x) and method (colour) the mean gain over random init in
+    test points, error bars = std over seeds."""
+    inits = p.init_names
+    fig = Figure(figsize=(max(4.0, 1.1 * len(inits) * max(1, len(p.methods)) + 1.5), 3.6), dpi=120,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(p.methods))
+    for k, method in enumerate(p.methods):
+        stats = [mean_std(gains(rows, method, i, p.seeds, p.tasks)) for i in inits]
+        means = [100 * m if m is not None else np.nan for m, _ in stats]
+        errs = [100 * s if s is not None else 0.0 for _, s in stats]
+        x = np.arange(len(inits)) + (k - (len(p.methods) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=errs, capsize=3, label=method)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(inits)), labels=inits, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test gain over random init (points)")
+    ax.set_title(f"mean over {len(p.tasks)} targets, ± std over {len(p.seeds)} seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_csv(path, rows):
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["method", "init", "target", "seed", "budget", "split", "score"])
+    for r in rows:
+        out.writerow([*r[:6], "" if r[6] is None else repr(r[6])])
+    atomic_write_text(path, buf.getvalue())
+
+
+def refresh_summaries(p: StudyPlan, precision):
+    """Rebuild the files that gather every target (similarity result.tsv, the initialisations'
+    weights and heat maps, each tuned folder's result.tsv): shards running at once may each have
+    written them before the others had finished."""
+    for method in p.methods:
+        if any(p.part_path(method, t).is_file() for t in p.tasks):
+            write_similarity_files(p, method, p.score_options(precision))
+        for init in p.init_names:
+            write_init_summary(p, method, init)
+        for folder in sorted((p.out / method / "targets").glob("*/seed_*")):
+            done = [t for t in p.tasks if (folder / t / "runs").is_dir()]
+            if done:
+                rebuild_result_tsv(folder, done)
+
+
+def step_report(p: StudyPlan) -> Path:
+    """report.md, report.csv, gain.png and heatmaps/ from the files alone (any process, any time)."""
+    majority = [majority_baseline(p.target_task_dir, t) for t in p.tasks]
+    for m in majority:
+        print(f"majority baseline {m['task']}: always {m['answer']!r} ({100 * m['share']:.0f} % of test) scores "
+              f"{100 * m['score']:.2f} {m['metric']}" + ("  <- dominated by one answer" if m["flagged"] else ""))
+    rows = collect(p)
+    write_csv(p.out / "report.csv", rows)
+    runs = len({r[:4] for r in rows})
+    planned = len(p.methods) * len(p.seeds) * sum(p.covers(i, t) for i in p.all_inits for t in p.tasks)
+    lines = ["# Leave-one-out transfer study", "",
+             f"Backbone `{Path(p.model).name}`; {len(p.tasks)} tasks, each a source (tuned on its full "
+             f"split) and a target (tuned on its few-shot split with the others as sources); seeds "
+             f"{', '.join(map(str, p.seeds))}; lr {p.learning_rate:g}, batch {p.batch_size}, validation every "
+             f"{p.valid_interval} updates, early stop after {p.early_stop}, at most {p.target_train_iters} updates.",
+             f"Cells: mean ± sample std over seeds of the score × 100; mean column: per seed the mean over "
+             f"targets, then mean ± std over seeds (* = not every target has this initialisation). "
+             f"Finished runs: {runs} of {planned}.", "",
+             "## Majority-answer baseline (test)", "",
+             "A target whose test set is dominated by one answer (share > 50 %, marked †) can look like "
+             "transfer when a delta learns to always give that answer: compare its scores with this one.", ""]
+    lines += md_table(["target", "metric", "majority answer", "share", "score", "dominated"],
+                      [[m["task"], m["metric"], f"`{m['answer']}`", f"{100 * m['share']:.0f} %",
+                        f"{100 * m['score']:.2f}", "† yes" if m["flagged"] else "no"] for m in majority])
+    lines.append("")
+    if any(len(gains(rows, m, i, p.seeds, p.tasks)) for m in p.methods for i in p.init_names):
+        plot_gain(p.out / "gain.png", rows, p)
+        lines += ["![gain over random init](gain.png)", ""]
+    for method in p.methods:
+        lines += [f"## {method}", "", "### Test score after early stopping", ""]
+        lines += score_table(rows, p, method, EARLY, "test", majority)
+        lines += ["", "Gain over random init (test points, mean ± std over seeds; * = over the targets it "
+                  "covers): " + ", ".join(gain_text(rows, p, method, i) for i in p.init_names), ""]
+        for b in p.budgets:
+            lines += [f"### Dev score after {b} updates", ""]
+            lines += score_table(rows, p, method, str(b), "dev", majority) + [""]
+        table = weights_lines(p, method)
+        if table:
+            lines += ["### Initialisation weights", "",
+                      "Effective sources = 1 / Σ w² averaged over targets (1: one source, n: uniform).", ""]
+            lines += table + [""]
+    if "manual" in p.init_names:
+        groups = "; ".join(f"{g}: {' '.join(m)}" for g, m in p.groups.items()) or "none"
+        alone = [t for t in p.tasks if not p.covers("manual", t)]
+        lines += [f"Manual groups (restricted to the study tasks): {groups}."
+                  + (f" No manual initialisation for {', '.join(alone)} (alone in their group)." if alone else ""), ""]
+    report = p.out / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report

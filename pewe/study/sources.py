@@ -1,0 +1,32 @@
+"""Step ``sources``: every study task's source delta, tuned on its full split (or reused from
+``source_dir``); the one place the study lists the source deltas."""
+from __future__ import annotations
+
+import logging
+
+from delta_modules import DeltaError
+from pewe.layout import source_checkpoints
+from pewe.study.plan import StudyError, StudyPlan
+
+log = logging.getLogger("pewe")
+
+
+def study_sources(plan: StudyPlan, method) -> dict:
+    """{task: source delta} for every study task; all must exist (run the sources step first)."""
+    root = plan.source_root(method)
+    if not root.is_dir():
+        raise StudyError(f"{root}: no source deltas yet (run --steps sources first)")
+    try:
+        return source_checkpoints(root, plan.tasks)
+    except DeltaError as e:  # a task without its checkpoint
+        raise StudyError(f"{e} (run --steps sources first)") from None
+
+
+def step_sources(bench, plan: StudyPlan, method):
+    if plan.source_dir:
+        found = study_sources(plan, method)
+        log.info("%s: reusing %d source deltas from %s", method, len(found), plan.source_root(method))
+        return
+    log.info("%s: sources on %s: %s", method, plan.source_task_dir, ", ".join(plan.source_tasks))
+    bench.tune(plan.source_task_dir, plan.source_root(method), plan.source_tasks, plan.source_seed,
+               plan.source_train_iters)
