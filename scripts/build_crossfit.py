@@ -33,7 +33,9 @@ tasks 64 rows as well.
 Source splits ("full", for the source deltas): the same pool, shuffled with ``full_seed``; dev is
 its first ``full_dev_fraction`` (at most ``full_dev_max`` rows, at least one), train the rest (at most
 ``full_train_max`` rows, 0 = all), test the task's test split (at most ``full_test_max``, 0 = all).
-How the paper cut its full-data sources is not public; this cut is ours.
+How the paper cut its full-data sources is not public; this cut is ours. With ``full_seed`` equal to
+the few-shot seed the shuffle is the same, so the source dev split begins with the few-shot train
+and dev rows and a source delta does not train on them (unless the pool is too small for that).
 
 Two deliberate differences from CrossFit's files, both counted in the manifest: tabs, newlines and
 carriage returns inside a field become spaces (CrossFit wrote them raw, which breaks its own TSV
@@ -381,6 +383,14 @@ def read_manifest(path):
     return manifest
 
 
+def builder_versions():
+    """What the files depend on besides the options: the formatting version and the libraries."""
+    import datasets
+    import numpy
+
+    return {"format_version": FORMAT_VERSION, "datasets": datasets.__version__, "numpy": numpy.__version__}
+
+
 def write_manifest(path, manifest):
     from pewe.atomic import atomic_write_text
 
@@ -405,6 +415,9 @@ def verify_files(out, manifest, say):
 
 
 def spec_table(a):
+    """The task table of scripts/crossfit_tasks.py with the --hub overrides applied."""
+    import dataclasses
+
     from crossfit_tasks import TASKS
     from pewe.errors import UserError
 
@@ -413,8 +426,6 @@ def spec_table(a):
         task, hub_id, config, revision = parse_hub_override(text)
         if task not in table:
             raise UserError(f"--hub {text!r}: unknown task {task!r}")
-        import dataclasses
-
         table[task] = dataclasses.replace(table[task], hub_id=hub_id, config=config, revision=revision, lost="",
                                           status="--hub override")
     unknown = [t for t in a.tasks if t not in table]
@@ -444,6 +455,8 @@ def run(a, say=print):
     manifest_path = out / "manifest.json"
     manifest = read_manifest(manifest_path)
     if a.verify:
+        if not manifest_path.is_file():
+            raise UserError(f"{manifest_path}: no manifest to verify against")
         return 1 if verify_files(out, manifest, say) else 0
     table = spec_table(a)
     loader = Loader(a.local_dir, a.cache_dir, a.progress)
@@ -482,6 +495,7 @@ def run(a, say=print):
             continue
         manifest["tasks"][task] = entry
         manifest["files"].update(files)
+        manifest["builder"] = builder_versions()
         write_manifest(manifest_path, manifest)
         built.append(task)
     bar.close()
