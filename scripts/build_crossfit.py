@@ -3,7 +3,7 @@
     pip install datasets==5.2.0                          # needed by this script only (requirements.txt)
     python scripts/build_crossfit.py                     # -> data/crossfit/64_16n_seed42 and data/crossfit/full
     python scripts/build_crossfit.py --seeds 100 13 21 42 87 --shots 32   # CrossFit's own five samples
-    python scripts/build_crossfit.py --local_dir tests/fixtures/crossfit --out_dir /tmp/cf   # offline
+    python scripts/build_crossfit.py --local_dir tests/fixtures/crossfit --out_dir /tmp/cf --shots 1 --shots_per_class 1
 
 Output (the project's CrossFit layout, read by pewe.data and run_study.py):
 
