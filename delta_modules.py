@@ -17,6 +17,7 @@ Checkpoints hold only delta tensors (``safetensors``) plus a JSON sidecar with t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import nn
 from transformers import AttentionInterface
 from transformers.models.t5.modeling_t5 import eager_attention_forward
@@ -57,6 +58,13 @@ class DeltaConfig:
             raise DeltaError(f"unknown delta method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method == "adapter" and self.adapter_type not in ADAPTER_TYPES:
             raise DeltaError(f"unknown adapter_type {self.adapter_type!r}; expected houlsby or pfeiffer")
+        for name in ("adapter_size", "lora_r", "prefix_num", "prefix_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeltaError(f"{name} must be a whole number >= 1, not {value!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise DeltaError(f"lora_alpha must be a positive number, not {alpha!r}")
 
     def fields(self) -> dict:
         """The fields that shape this method's tensors (what two deltas must share to be averaged)."""
@@ -293,18 +301,31 @@ def _sidecar(path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def check_finite(tensors: dict, where):
+    """Refuse a delta with a NaN or an infinity: averaged or trained from, it would spread silently."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise DeltaError(f"{where}: tensor {k} holds non-finite values (NaN or infinity)")
+
+
 def save_delta(path, state: dict, config: DeltaConfig, **meta):
-    """Write ``path`` (.safetensors, delta tensors only) and its ``.json`` config, each atomically."""
+    """Write ``path`` (.safetensors, delta tensors only) and its ``.json`` config, each atomically.
+    The JSON records the SHA-256 of the tensor file, so a reader knows whether the two belong
+    together (a job killed between the two writes leaves a pair that does not)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DeltaError(f"{path}: a delta checkpoint must end in .safetensors")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    write_file_atomically(_sidecar(path), json.dumps({"delta": dataclasses.asdict(config), **meta}, indent=1).encode())
-    write_file_atomically(path, save(tensors))
+    check_finite(tensors, f"{path}: not written")
+    data = save(tensors)
+    side = {"delta": dataclasses.asdict(config), **meta, "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    write_file_atomically(_sidecar(path), json.dumps(side, indent=1).encode())
+    write_file_atomically(path, data)
 
 
 def read_delta(path):
-    """(tensors, DeltaConfig, meta) of a delta checkpoint; never unpickles anything."""
+    """(tensors, DeltaConfig, meta) of a delta checkpoint; never unpickles anything. Refuses a JSON
+    that does not describe these tensors and tensors that are not finite."""
     path = Path(path)
     if not path.is_file():
         raise DeltaError(f"{path}: no such delta checkpoint")
@@ -312,14 +333,23 @@ def read_delta(path):
     if not side.is_file():
         raise DeltaError(f"{path}: its config {side.name} is missing")
     try:
-        meta = json.loads(side.read_text())
-        config = DeltaConfig.from_dict(meta.pop("delta"))
-    except (ValueError, KeyError, TypeError) as e:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+        delta = meta.pop("delta")
+        if not isinstance(delta, dict):
+            raise TypeError(f'"delta" is a {type(delta).__name__}, not an object')
+        config = DeltaConfig.from_dict(delta)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DeltaError(f"{side}: not a delta config ({e})") from None
+    data = path.read_bytes()
+    want = meta.pop("tensors_sha256", None)  # absent in files written before it was recorded
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise DeltaError(f"{path}: its tensors are not the ones {side.name} describes (a write was interrupted?); "
+                         f"rerun the step that wrote it")
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except Exception as e:  # safetensors raises its own error types
         raise DeltaError(f"{path}: not a readable safetensors file ({e})") from None
+    check_finite(tensors, path)
     return tensors, config, meta
 
 

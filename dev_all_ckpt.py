@@ -50,7 +50,9 @@ def main(argv=None):
     from pewe.configurator import configure
 
     a = configure(globals(), __file__, argv)
-    return run_entry(a, "log.txt", _run)
+    from pewe.tuning import check_tune_options
+
+    return run_entry(a, "log.txt", _run, check=check_tune_options)
 
 
 def _run(a, model, tokenizer, device, precision):

@@ -43,7 +43,7 @@ target_task_dir = str(REPO / "data" / "fewshot")  # the targets' data: CrossFit 
 model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
 inits = ["average", "manual"]  # baseline initialisations besides random: average (all other sources), manual (group)
-groups = []  # manual groups ("a b c" each); default task_list.BUNDLED_GROUPS restricted to the tasks
+groups = []  # manual groups ("a b c" each); default task_list.BUNDLED_GROUPS and the paper's QA_groups, restricted to the tasks
 scores = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", "Cosine", "Euclidean",
           "Performance"]  # one softmax init per score (every score of the paper)
 temperatures = []  # Name=T overrides of the softmax temperatures (pewe.study.TEMPERATURES: Loss 0.1, Cosine 0.001, ...)
@@ -77,15 +77,16 @@ device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
 quiet = False  # terminal shows warnings only (everything still goes to log.txt)
 progress = True  # progress bars on the terminal
+overwrite = False  # redo every run, pair, part and initial delta of the steps asked for, even finished ones
 
 
 def main(argv=None):
     from pewe.cli import run_entry
     from pewe.configurator import configure
-    from pewe.study import needs_model, run_study
+    from pewe.study import make_plan, needs_model, run_study
 
     a = configure(globals(), __file__, argv)
-    return run_entry(a, "log.txt", run_study, needs_model=needs_model(a))
+    return run_entry(a, "log.txt", run_study, needs_model=needs_model(a), check=make_plan)
 
 
 if __name__ == "__main__":

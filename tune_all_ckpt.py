@@ -50,6 +50,7 @@ max_output_length = 64  # answer tokens kept / generated
 truncation_side = "auto"  # auto (left for bAbI, right otherwise), left or right
 keep_resume = False  # keep each finished pair's resume.safetensors (delta + optimizer state; deleted by default)
 seed = 42  # seed of the data order and dropout (the same for every pair)
+overwrite = False  # start every pair afresh, even one whose folder holds another pair's work
 device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
 quiet = False  # terminal shows warnings only (everything still goes to log.txt)
@@ -61,7 +62,9 @@ def main(argv=None):
     from pewe.configurator import configure
 
     a = configure(globals(), __file__, argv)
-    return run_entry(a, "log.txt", _run)
+    from pewe.tuning import check_tune_options
+
+    return run_entry(a, "log.txt", _run, check=check_tune_options)
 
 
 def _run(a, model, tokenizer, device, precision):

@@ -20,8 +20,8 @@ model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
 do_train = False  # train a delta on each task's train split, validating on dev
 do_predict = False  # predict the test split with the best (or --test_checkpoint) delta
-train_checkpoint = None  # initialise from DIR/without_{task}_checkpoint*.safetensors (or one file)
-test_checkpoint = None  # evaluate this delta (a file, or a folder with {task}/checkpoint-best*)
+train_checkpoint = ""  # initialise from DIR/without_{task}_checkpoint.safetensors (or one file; "" = random)
+test_checkpoint = ""  # evaluate this delta (a file, or a folder with {task}/checkpoint-best*; "" = the run's best)
 tune_method = "adapter"  # adapter, lora or prefix
 apply_adapter = False  # the original's flag for tune_method adapter
 adapter_type = "houlsby"  # houlsby (swish, after attention and FFN) or pfeiffer (relu, after FFN)
@@ -46,6 +46,7 @@ max_output_length = 64  # answer tokens kept / generated
 truncation_side = "auto"  # auto (left for bAbI, right otherwise), left or right
 step_budgets = []  # also record the dev score after these update counts (e.g. 0 25 50 100)
 seed = 42  # seed of the delta initialisation, the data order and dropout
+overwrite = False  # start every run afresh, even one whose folder holds another run's work
 device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
 quiet = False  # terminal shows warnings only (everything still goes to log.txt)
@@ -57,7 +58,9 @@ def main(argv=None):
     from pewe.configurator import configure
 
     a = configure(globals(), __file__, argv)
-    return run_entry(a, "log.txt" if a.do_train else "eval_log.txt", _run)
+    from pewe.tuning import check_tune_options
+
+    return run_entry(a, "log.txt" if a.do_train else "eval_log.txt", _run, check=check_tune_options)
 
 
 def _run(a, model, tokenizer, device, precision):

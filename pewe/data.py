@@ -39,8 +39,14 @@ def read_tsv(path) -> list:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw_bytes in enumerate(f, 1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+            if lineno == 1:
+                raw = raw.removeprefix("\ufeff")  # a byte-order mark is not part of the first input
             line = raw.rstrip("\n").rstrip("\r")
             if not line.strip():
                 continue
@@ -56,6 +62,21 @@ def read_tsv(path) -> list:
     if not examples:
         raise DataError(f"{path}: no examples (empty split)")
     return examples
+
+
+BAD_NAME_CHARS = {",": "a comma", "\t": "a tab", "\n": "a newline", "\r": "a carriage return", " ": "a space"}
+
+
+def check_task_names(names, where="task") -> list:
+    """Refuse task names that the result files cannot carry: ``result.tsv`` lines are comma separated,
+    similarity files put a target's name alone on a line (no spaces), and names are TSV fields."""
+    names = [str(n) for n in names]
+    for name in names:
+        bad = [what for ch, what in BAD_NAME_CHARS.items() if ch in name]
+        if bad or not name:
+            raise DataError(f"{where} name {name!r}: contains {' and '.join(bad)}; the result files cannot carry it "
+                            "(rename the task folder)" if bad else f"{where} name is empty")
+    return names
 
 
 def _folder(path, missing: str) -> Path:
@@ -134,6 +155,13 @@ class TextOptions:
     max_input_length: int = 512  # input tokens kept
     max_output_length: int = 64  # answer tokens kept (and generated)
     truncation_side: str = "auto"  # auto (left for bAbI, right otherwise), left or right
+
+    def __post_init__(self):
+        for name in ("max_input_length", "max_output_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"{name} must be a whole number >= 1, not {value!r}")
+        truncation_side_for("", self.truncation_side)  # refuses anything but auto, left, right
 
 
 def load_split(task_dir, task, prefix, split, tokenizer, text: TextOptions, one_row_per_answer: bool) -> "Rows":

@@ -1,7 +1,9 @@
 """On-disk layouts: one reader and one writer for each kind of folder or file the scripts share.
 
 - ``--shard i/n``: ``parse_shard`` / ``shard_of``.
-- a tuning run's folder name: ``run_name`` (``{prefix}_lr_{lr}_bsz_{bsz}``).
+- a tuning run's folder name: ``run_name`` (``{prefix}_lr_{lr}_bsz_{bsz}``), and its ``run.json``:
+  the record of what decides the run's result (``claim_run``), which a resume or a skip must match.
+- a JSON file any step reads back (``result.json``, ``scores.json``, a similarity part): ``read_json``.
 - a folder of source deltas (a tune_hps_singletask.py output_dir): ``{task}/checkpoint-best.safetensors``,
   listed by ``source_checkpoints``; one checkpoint found by ``find_checkpoint``.
 - an averaged-delta folder (a unit_model script's or the study's ``init/{init}``): one
@@ -15,9 +17,13 @@
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 from pewe.atomic import atomic_write_text
@@ -27,6 +33,26 @@ from delta_modules import DeltaError
 
 SOURCE_PATTERN = "checkpoint-best*.safetensors"
 INIT_PATTERN = "without_{task}_checkpoint.safetensors"
+RUN_RECORD = "run.json"
+# what a run may change between invocations: a larger budget extends a finished run (the trainer)
+MAY_DIFFER = ("train_iters", "model_name")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path, what="file"):
+    """A JSON file the scripts wrote; a damaged one is one clear error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable {what} ({e}); delete it to redo the step that wrote it") from None
 
 
 # --------------------------------------------------------------------------- shards and run folders
@@ -49,6 +75,44 @@ def shard_of(items, shard, option="--shard") -> list:
     parsed = parse_shard(shard, option)
     items = list(items)
     return items if parsed is None else items[parsed[0]::parsed[1]]
+
+
+def _first_difference(old: dict, new: dict, prefix=""):
+    for key in sorted(set(old) | set(new)):
+        if key in MAY_DIFFER and not prefix:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
+def claim_run(run_dir, record: dict, overwrite=False, what="run"):
+    """Make ``run_dir`` this run's folder: with ``overwrite``, start afresh; a folder holding another
+    run's work (a record that differs in anything but a larger budget, or no record at all) is refused
+    with the first difference, since resuming or skipping it would report that run's results as this
+    one's. Writes the record when the folder is new."""
+    run_dir = Path(run_dir)
+    record_path = run_dir / RUN_RECORD
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if record_path.is_file():
+        old = read_json(record_path, "run record")
+        diff = _first_difference(old, record)
+        if diff is not None:
+            key, a, b = diff
+            raise UserError(f"{run_dir}: this {what} was made with {key} = {a!r}, not {b!r}; rerun with --overwrite "
+                            f"to start it afresh, or use another output folder")
+        if old.get("train_iters", 0) >= record.get("train_iters", 0):
+            return  # the same run (or one that did more): its record stands
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir}: holds a {what} without its record {RUN_RECORD} (made by an older version, or "
+                        f"not by this project); rerun with --overwrite to start it afresh")
+    atomic_write_text(record_path, json.dumps(record, indent=1))
 
 
 def run_name(prefix, learning_rate, batch_size) -> str:
@@ -93,13 +157,17 @@ def init_path(init_dir, task) -> Path:
 
 
 def init_checkpoint_for(path, task):
-    """``--train_checkpoint``: a single delta file, or a folder of ``without_{task}_checkpoint*``."""
-    if path is None:
+    """``--train_checkpoint``: a single delta file, or a folder holding ``without_{task}_checkpoint.safetensors``
+    (the name matched literally: a task named ``t[1]`` must not pick ``t1``'s average)."""
+    if path is None or str(path) == "":
         return None
     path = Path(path)
     if path.is_file():
         return path
-    return find_checkpoint(path, f"without_{task}_checkpoint*.safetensors")
+    found = init_path(path, task)
+    if not found.is_file():
+        raise DeltaError(f"{path}: no delta checkpoint matching {found.name} (the initialisation of {task})")
+    return found
 
 
 def test_checkpoint_for(path, task) -> Path:
@@ -112,19 +180,30 @@ def test_checkpoint_for(path, task) -> Path:
 
 # --------------------------------------------------------------------------- a tuning output folder
 
-def rebuild_result_tsv(output_dir, tasks):
-    """``result.tsv``: ``task,dev_score,test_score`` for every finished run, tasks in run order."""
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on ``path`` (created if missing) for the duration of the block: several
+    shards rebuilding one file from the same folder take turns, so the last one sees every result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def rebuild_result_tsv(output_dir):
+    """``result.tsv``: ``task,dev_score,test_score`` for every finished run of the folder, tasks and runs
+    in name order, rebuilt from the runs' ``result.json`` files alone, under a lock."""
     output_dir = Path(output_dir)
-    lines = []
-    for task in tasks:
-        for done in sorted((output_dir / task / "runs").glob("*/result.json")):
-            r = json.loads(done.read_text())
-            lines.append(f"{task},{r['dev_score']},{r['test_score']}")
-    extra = []
-    old = output_dir / "result.tsv"
-    if old.exists():  # keep lines of tasks that this invocation did not run
-        extra = [ln for ln in old.read_text().splitlines() if ln and ln.split(",")[0] not in tasks]
-    atomic_write_text(old, "\n".join(extra + lines) + "\n")
+    with locked(output_dir / ".result.tsv.lock"):
+        lines = []
+        for done in sorted(output_dir.glob("*/runs/*/result.json")):
+            r = read_json(done, "run result")
+            lines.append(f"{done.parent.parent.parent.name},{r['dev_score']},{r['test_score']}")
+        atomic_write_text(output_dir / "result.tsv", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- similarity files

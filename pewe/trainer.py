@@ -37,11 +37,13 @@ from transformers.optimization import Adafactor
 from delta_modules import delta_named_parameters, delta_state_dict, load_delta, load_delta_state, save_delta
 from pewe.atomic import atomic_write_bytes, atomic_write_text
 from pewe.data import batches, epoch_order
+from pewe.errors import UserError
 from pewe.metrics import evaluate
 from pewe.model import autocast
 
 log = logging.getLogger("pewe")
 MICRO_BATCH = 16  # the original's largest per-step batch; larger batches are accumulated
+PRECISIONS = ("fp32", "bf16")
 _SENTINEL = re.compile(r"<extra_id_\d+>")
 
 
@@ -59,6 +61,20 @@ class TrainSettings:
     seed: int = 42
     precision: str = "fp32"
     progress: bool = True  # progress bars
+
+    def __post_init__(self):
+        """Refuse settings that would train wrongly or never end, before any work."""
+        for name in ("batch_size", "train_iters", "valid_interval", "log_interval", "predict_batch_size",
+                     "max_output_length"):
+            value, least = getattr(self, name), 0 if name == "train_iters" else 1  # 0 updates: evaluate the init
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"{name} must be a whole number >= {least}, not {value!r}")
+        for name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise UserError(f"{name} must be a positive finite number, not {value!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 def make_optimizer(params, lr):
@@ -148,10 +164,21 @@ def save_resume(path, model, optimizer, params, counters: dict):
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
+def _read_resume(path, tensors=True):
+    """(metadata, tensors) of a ``resume.safetensors``; a damaged file is one clear error naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+        return {"counters": json.loads(meta["counters"]), "kinds": json.loads(meta["kinds"])}, out
+    except Exception as e:  # safetensors raises its own error types; a missing key or bad JSON too
+        raise UserError(f"{path}: not a readable resume file ({type(e).__name__}: {e}); delete it to start "
+                        f"this run again from its beginning") from None
+
+
 def resume_counters(path) -> dict:
     """The counters of a ``resume.safetensors`` (no tensors are read)."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["counters"])
+    return _read_resume(path, tensors=False)[0]["counters"]
 
 
 def can_extend(counters: dict, train_iters: int) -> bool:
@@ -161,16 +188,14 @@ def can_extend(counters: dict, train_iters: int) -> bool:
 
 
 def load_resume(path, model, optimizer, params, device) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read_resume(path)
     load_delta_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("delta.")}, where=str(path))
-    _restore_optimizer(optimizer, params, tensors, json.loads(meta["kinds"]), device)
+    _restore_optimizer(optimizer, params, tensors, meta["kinds"], device)
     torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    return json.loads(meta["counters"])
+    gpus = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if gpus and torch.cuda.is_available():  # device order (rng.cuda.10 after .2); only the GPUs visible now
+        torch.cuda.set_rng_state_all([tensors[k] for k in gpus][:torch.cuda.device_count()])
+    return meta["counters"]
 
 
 # --------------------------------------------------------------------------- training
@@ -201,6 +226,8 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
         log.info("resuming %s at update %d (best %s at %d)", out_dir, c["num_updates"], c["best"], c["best_step"])
         if can_extend(c, settings.train_iters):
             c["done"] = False
+            if c.get("best_from_last"):  # no validation ran: a run given the larger budget has no best yet
+                c.update(best=None, best_step=0, best_from_last=False)
             log.info("extending %s from %d to %d updates", out_dir, c["num_updates"], settings.train_iters)
     elif init_checkpoint is not None:
         load_delta(model, init_checkpoint)
@@ -231,6 +258,10 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
                     loss = model(**_to(mb, device)).loss * (len(mb["index"]) / len(rows))
                 loss.backward()
                 total += loss.item()
+            if not math.isfinite(total):  # a NaN would reach every parameter and be saved as the best delta
+                raise UserError(f"{out_dir}: update {c['num_updates'] + 1}: the training loss is {total} (learning rate "
+                                f"{settings.learning_rate:g}); stopped before the update, the run keeps its last "
+                                f"validation (try a smaller learning rate)")
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,9 +302,10 @@ def train(model, tokenizer, train_rows, dev_rows, metric, settings: TrainSetting
             c["epoch"] += 1
             c["batch_in_epoch"] = 0
     bar.close()
-    if not best_path.exists():  # fewer updates than one validation interval: the last delta is the best
+    if c["best"] is None:  # fewer updates than one validation interval: the last delta is the best
         c["best"] = validate()
         c["best_step"] = c["num_updates"]
+        c["best_from_last"] = True
         save_delta(best_path, delta_state_dict(model), model.delta_config,
                    **{**meta, "dev_score": c["best"], "step": c["num_updates"]})
     c["done"] = True

@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from delta_modules import DeltaError, attach_delta, check_compatible, load_delta, load_delta_state, read_delta, save_delta
 from pewe.atomic import atomic_write_text
-from pewe.data import TextOptions, first_prefix, load_split
+from pewe.data import TextOptions, first_prefix, load_split, split_path
 from pewe.delta_scores import pairs_of
-from pewe.layout import format_similarity, source_checkpoints
+from pewe.layout import claim_run, file_sha256, format_similarity, read_json, source_checkpoints
 from pewe.metrics import metric_for
 from pewe.trainer import TrainSettings, score_rows, set_seed, train
-from pewe.tuning import delta_config_from_args, select_tasks, text_options
+from pewe.tuning import delta_config_from_args, run_record, select_tasks, text_options
 
 log = logging.getLogger("pewe")
 
@@ -119,13 +119,34 @@ def last_dev_score(summary, model, tokenizer, data, settings, device):
 class PairJob:
     """One source delta tuned on one target: what tune_all_ckpt.py (and the study's Euclidean and
     Performance scores) run for each (target, source) pair."""
+    target: str
     source: str
     source_checkpoint: Path
     pair_dir: Path
+    task_dir: str  # the targets' task folders
     settings: TrainSettings
+    text: TextOptions
     model: str  # the backbone's name or folder, as given (recorded in the checkpoints)
     do_predict: bool = False  # also score test with the pair's best delta, as the original did
     keep_resume: bool = False  # keep the finished pair's resume.safetensors (delta + optimizer state)
+    overwrite: bool = False  # start the pair afresh even if its folder holds another pair's work
+
+    @property
+    def splits(self) -> tuple:
+        return ("train", "dev", "test") if self.do_predict else ("train", "dev")
+
+
+def claim_pair(model, tokenizer, job: PairJob):
+    """Check the pair folder's record (or write it, for a new pair): its result when the pair is done,
+    else None. A folder made with other options, data, model or source delta is refused."""
+    prefix = first_prefix(job.task_dir, job.target)
+    files = {sp: split_path(job.task_dir, job.target, prefix, sp) for sp in job.splits}
+    record = run_record(model, tokenizer, job.settings, job.text, files, target=job.target, source=job.source,
+                        prefix=prefix, model_name=job.model, source_checkpoint=file_sha256(job.source_checkpoint),
+                        do_predict=job.do_predict)
+    claim_run(job.pair_dir, record, job.overwrite, what="pair tuning")
+    done = Path(job.pair_dir) / "result.json"
+    return read_json(done, "pair result") if done.is_file() else None
 
 
 def tune_pair(model, tokenizer, data: TargetData, job: PairJob, device) -> dict:
@@ -163,7 +184,7 @@ def collect_pair_results(output_dir, key="dev_score") -> dict:
     """``{target: {source: result[key]}}`` of every finished pair under ``output_dir``."""
     out = {}
     for done in sorted(Path(output_dir).glob("*/*/result.json")):
-        r = json.loads(done.read_text())
+        r = read_json(done, "pair result")
         out.setdefault(r["target"], {})[r["source"]] = r[key]
     return out
 
@@ -183,14 +204,13 @@ def tune_all(a, model, tokenizer, device, precision) -> Path:
     bar = pair_bar(pairs, a, "tune all")
     for target, source in bar:
         bar.set_postfix_str(f"{source} -> {target}")
-        pair_dir = out / target / source
-        if (pair_dir / "result.json").exists():
-            log.info("%s <- %s: already done (%s), skipping", target, source, pair_dir / "result.json")
+        job = PairJob(target, source, sources[source], out / target / source, a.task_dir, settings, text_options(a),
+                      str(a.model), a.do_predict, a.keep_resume, a.overwrite)
+        if claim_pair(model, tokenizer, job) is not None:
+            log.info("%s <- %s: already done (%s), skipping", target, source, job.pair_dir / "result.json")
             continue
         if data is None or data.name != target:  # one target's rows in memory at a time
-            data = load_target(a.task_dir, target, tokenizer, text_options(a),
-                               ("train", "dev", "test") if a.do_predict else ("train", "dev"))
-        job = PairJob(source, sources[source], pair_dir, settings, str(a.model), a.do_predict, a.keep_resume)
+            data = load_target(a.task_dir, target, tokenizer, job.text, job.splits)
         r = tune_pair(model, tokenizer, data, job, device)
         log.info("%s <- %s: dev %.4f best at %d, %.4f after %d updates (%s)", target, source, r["dev_score"],
                  r["best_step"], r["last_dev_score"], r["updates"], data.metric)
@@ -203,7 +223,7 @@ def tune_all(a, model, tokenizer, device, precision) -> Path:
 # --------------------------------------------------------------------------- dev all
 
 def read_target_scores(path) -> dict:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    return read_json(path, "zero-shot scores") if Path(path).is_file() else {}
 
 
 def dev_all(a, model, tokenizer, device, precision) -> Path:
@@ -231,7 +251,7 @@ def dev_all(a, model, tokenizer, device, precision) -> Path:
         atomic_write_text(store, json.dumps(scores, indent=1))
         log.info("%s <- %s: zero-shot dev %.4f (%s)", target, source, scores[source], data.metric)
     bar.close()
-    table = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
+    table = {p.parent.name: read_json(p, "zero-shot scores") for p in sorted(out.glob("*/result.json"))}
     atomic_write_text(out / "result.json", json.dumps(table, indent=1))
     result = out / "result.tsv"
     atomic_write_text(result, format_similarity(table))

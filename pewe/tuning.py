@@ -21,8 +21,10 @@ from pathlib import Path
 from delta_modules import (DeltaConfig, DeltaError, attach_delta, delta_state_dict, load_delta, load_delta_state,
                            read_delta, save_delta)
 from pewe.atomic import atomic_write_text
-from pewe.data import DataError, TextOptions, list_tasks, load_split, split_prefixes
-from pewe.layout import init_checkpoint_for, rebuild_result_tsv, run_name, shard_of, test_checkpoint_for
+from pewe.data import DataError, TextOptions, check_task_names, list_tasks, load_split, read_tsv, split_path, split_prefixes
+from pewe.layout import (claim_run, file_sha256, init_checkpoint_for, read_json, rebuild_result_tsv, run_name, shard_of,
+                         test_checkpoint_for)
+from pewe.model import model_fingerprint, tokenizer_fingerprint
 from pewe.metrics import metric_for
 from pewe.trainer import TrainSettings, can_extend, resume_counters, score_rows, set_seed, train, write_predictions
 
@@ -45,6 +47,19 @@ class TuneJob:
     train_checkpoint: str | None = None  # init: a delta file or a folder of without_{task}_checkpoint files
     test_checkpoint: str | None = None  # predict with this delta (file or folder) instead of the best
     step_budgets: tuple = ()  # also record the dev score after these update counts
+    overwrite: bool = False  # start the run afresh even if its folder holds another run's work
+
+
+def run_record(model, tokenizer, settings: TrainSettings, text: TextOptions, data_files: dict, **extra) -> dict:
+    """What decides a run's result, as its folder's run.json records it: the backbone and tokenizer
+    (by content), the delta config, the data files (by checksum), every training and decoding
+    setting, and ``extra`` (the task, the init delta's checksum, ...)."""
+    s = dataclasses.asdict(settings)
+    del s["progress"], s["log_interval"]  # they change what is shown, not what is computed
+    return {**extra, "model_name": extra.get("model_name"), "model": model_fingerprint(model),
+            "tokenizer": tokenizer_fingerprint(tokenizer), "delta": model.delta_config.fields(),
+            "data": {split: file_sha256(path) for split, path in data_files.items()}, **s,
+            **dataclasses.asdict(text)}
 
 
 def delta_config_of(method, options) -> DeltaConfig:
@@ -78,12 +93,23 @@ def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
     """Train and / or predict one run (skipped when its result.json exists, extended when it used its
     whole budget and a larger one is asked for); returns its result dict."""
     run_dir, s = Path(job.run_dir), job.settings
+    splits = [sp for sp, used in (("train", job.do_train), ("dev", job.do_train), ("test", job.do_predict)) if used]
+    files = {sp: split_path(job.task_dir, job.task, job.prefix, sp) for sp in splits}
+    if job.do_predict:
+        read_tsv(files["test"])  # a bad test split is found now, not after the whole budget
+    init = init_checkpoint_for(job.train_checkpoint, job.task) if job.do_train else None
+    test = test_checkpoint_for(job.test_checkpoint, job.task) if job.do_predict and job.test_checkpoint else None
+    record = run_record(model, tokenizer, s, job.text, files, task=job.task, prefix=job.prefix, model_name=job.model,
+                        train_checkpoint=file_sha256(init) if init else None,
+                        test_checkpoint=file_sha256(test) if test else None, step_budgets=list(job.step_budgets),
+                        do_train=job.do_train, do_predict=job.do_predict)
+    claim_run(run_dir, record, job.overwrite)
     done = run_dir / "result.json"
     resume = run_dir / "resume.safetensors"
     if done.exists():
         if not (job.do_train and resume.exists() and can_extend(resume_counters(resume), s.train_iters)):
             log.info("%s: already done (%s), skipping", run_dir, done)
-            return json.loads(done.read_text())
+            return read_json(done, "run result")
         done.unlink()  # a finished run given a larger --train_iters continues (train() extends it)
     metric = metric_for(job.task)
     fresh_delta()  # the same seeded random init for every run
@@ -94,14 +120,12 @@ def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
     if job.do_train:
         train_rows = load_split(job.task_dir, job.task, job.prefix, "train", tokenizer, job.text, True)
         dev_rows = load_split(job.task_dir, job.task, job.prefix, "dev", tokenizer, job.text, False)
-        init = init_checkpoint_for(job.train_checkpoint, job.task)
         summary = train(model, tokenizer, train_rows, dev_rows, metric, s, run_dir, device, init_checkpoint=init,
                         meta={**meta, "init": str(init) if init else "random"}, step_budgets=job.step_budgets)
         result.update(dev_score=summary["best"], best_step=summary["best_step"], updates=summary["num_updates"],
                       budget_scores=summary["budget_scores"], init=str(init) if init else "random")
     if job.do_predict:
-        ckpt = (test_checkpoint_for(job.test_checkpoint, job.task) if job.test_checkpoint
-                else run_dir / "checkpoint-best.safetensors")
+        ckpt = test or run_dir / "checkpoint-best.safetensors"
         load_delta(model, ckpt)
         test_rows = load_split(job.task_dir, job.task, job.prefix, "test", tokenizer, job.text, False)
         score, preds = score_rows(model, tokenizer, test_rows, metric, s, device, desc=f"{job.task} test")
@@ -114,14 +138,19 @@ def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
 
 
 def keep_best(task_out: Path, results, runs):
-    """Copy the grid's best run (by dev score) to ``{task}/checkpoint-best.safetensors``."""
+    """Copy the grid's best run (by dev score) to ``{task}/checkpoint-best.safetensors``, what the
+    similarity scores and the averages read: rewritten whenever the best run's delta changed (a run
+    extended to a larger budget moves its best), so the copy never goes stale."""
     scored = [(r["dev_score"], d) for r, d in zip(results, runs)
               if r["dev_score"] is not None and (d / "checkpoint-best.safetensors").exists()]
     if not scored:
         return
     _, best = max(scored, key=lambda t: t[0])
-    tensors, config, meta = read_delta(best / "checkpoint-best.safetensors")
-    save_delta(task_out / "checkpoint-best.safetensors", tensors, config, **{**meta, "run": best.name})
+    src, dst = best / "checkpoint-best.safetensors", Path(task_out) / "checkpoint-best.safetensors"
+    tensors, config, meta = read_delta(src)
+    if dst.is_file() and file_sha256(dst) == file_sha256(src) and read_delta(dst)[2].get("run") == best.name:
+        return  # already the copy of this delta
+    save_delta(dst, tensors, config, **{**meta, "run": best.name})
 
 
 def select_tasks(task_dir, tasks=(), shard=None):
@@ -131,7 +160,7 @@ def select_tasks(task_dir, tasks=(), shard=None):
         if missing:
             raise DataError(f"{task_dir}: missing task folder(s) {', '.join(missing)}")
         all_tasks = list(tasks)
-    return shard_of(all_tasks, shard)
+    return check_task_names(shard_of(all_tasks, shard))
 
 
 def grid_jobs(a, task, precision) -> list:
@@ -150,8 +179,24 @@ def grid_jobs(a, task, precision) -> list:
                                          progress=a.progress)
                 jobs.append(TuneJob(task, prefix, a.task_dir, Path(a.output_dir) / task / "runs" / run_name(prefix, lr, bsz),
                                     settings, text_options(a), str(a.model), a.do_train, a.do_predict,
-                                    a.train_checkpoint, a.test_checkpoint, tuple(a.step_budgets)))
+                                    a.train_checkpoint or None, a.test_checkpoint or None, tuple(a.step_budgets),
+                                    a.overwrite))
     return jobs
+
+
+def check_tune_options(a):
+    """Refuse bad options of tune_hps_singletask.py / tune_all_ckpt.py / dev_all_ckpt.py before any work."""
+    delta_config_from_args(a)
+    text_options(a)
+    defaults = TrainSettings()
+    for lr in getattr(a, "learning_rate_list", [defaults.learning_rate]):
+        for bsz in getattr(a, "bsz_list", [defaults.batch_size]):
+            TrainSettings(learning_rate=lr, batch_size=bsz, predict_batch_size=a.predict_batch_size,
+                          max_output_length=a.max_output_length,
+                          **{k: getattr(a, k) for k in ("train_iters", "valid_interval", "log_interval") if hasattr(a, k)})
+    if any(int(b) < 0 for b in getattr(a, "step_budgets", ())):
+        raise DataError("--step_budgets must be >= 0")
+    select_tasks(a.task_dir, a.tasks, a.shard)
 
 
 def tune_tasks(a, model, tokenizer, device, precision):
@@ -174,5 +219,5 @@ def tune_tasks(a, model, tokenizer, device, precision):
         results = [run_job(model, tokenizer, job, device, fresh_delta) for job in jobs]
         if a.do_train:
             keep_best(output_dir / task, results, [job.run_dir for job in jobs])
-        rebuild_result_tsv(output_dir, tasks)
+        rebuild_result_tsv(output_dir)
     return output_dir / "result.tsv"

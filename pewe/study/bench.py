@@ -54,10 +54,10 @@ class Bench:
         for task in tasks:
             prefix = first_prefix(task_dir, task)
             job = TuneJob(task, prefix, str(task_dir), out_dir / task / "runs" / run_name(prefix, p.learning_rate,
-                          p.batch_size), settings, p.text, p.model, train_checkpoint=init, step_budgets=tuple(budgets))
+                          p.batch_size), settings, p.text, p.model, train_checkpoint=init, step_budgets=tuple(budgets),
+                          overwrite=p.overwrite)
             results[task] = run_job(model, self.tokenizer, job, self.device, lambda: load_delta_state(model, state))
-            if not (out_dir / task / "checkpoint-best.safetensors").exists():
-                keep_best(out_dir / task, [results[task]], [job.run_dir])
+            keep_best(out_dir / task, [results[task]], [job.run_dir])
         if tasks:
-            rebuild_result_tsv(out_dir, list(tasks))
+            rebuild_result_tsv(out_dir)
         return results

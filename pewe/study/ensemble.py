@@ -14,6 +14,7 @@ from pewe.atomic import atomic_write_text
 from pewe.averaging import write_averages
 from pewe.delta_scores import tuned_checkpoint
 from pewe.inits import InitInputs, init_spec
+from pewe.layout import file_sha256, read_json
 from pewe.scores import effective_temperature, score_spec
 from pewe.study.plan import StudyError, StudyPlan
 from pewe.study.similarity import read_part
@@ -44,6 +45,7 @@ def step_ensemble(bench, plan: StudyPlan, method):
     then rebuild each initialisation's summary files over every target done so far."""
     sources = study_sources(plan, method)
     for init in plan.init_names:
+        tuned = init in plan.scores and score_spec(init).init_from_tuned  # Performance: the pair-tuned deltas
         pending, metas = {}, {}  # the targets still to write: {target: {source: w}}, {target: sidecar fields}
         for target in plan.targets:
             got = init_spec(init).weights(init_inputs(plan, method, init, target))
@@ -52,18 +54,20 @@ def step_ensemble(bench, plan: StudyPlan, method):
                 log.info("%s %s: %s is alone in its group, no manual initialisation", method, init, target)
                 continue
             weights, meta = got
-            if path.is_file():
-                old = json.loads(path.with_suffix(".json").read_text()).get("weights")
-                if old != weights:
-                    raise StudyError(f"{path}: made with other weights than now requested (another temperature "
-                                     f"or scores?); use another output_dir or delete {path.parent}")
+            used = {s: tuned_checkpoint(plan.pairs_dir(method), target, s) if tuned else sources[s] for s in weights}
+            meta = {**meta, "source_sha256": {s: file_sha256(p) for s, p in used.items()}}
+            if path.is_file() and not plan.overwrite:
+                old = read_json(path.with_suffix(".json"), "initial delta's sidecar")
+                if old.get("weights") != weights or old.get("source_sha256") != meta["source_sha256"]:
+                    what = "weights" if old.get("weights") != weights else "source deltas"
+                    raise StudyError(f"{path}: made with other {what} than now (another temperature, other scores, "
+                                     f"a source retrained?); rerun with --overwrite to make it again")
                 log.info("%s: already done, skipping", path)
                 continue
             pending[target], metas[target] = weights, meta
-        if init in plan.scores and score_spec(init).init_from_tuned:  # the pair-tuned deltas, per target
-            checkpoints = {t: {s: tuned_checkpoint(plan.pairs_dir(method), t, s) for s in w} for t, w in pending.items()}
-        else:  # each source is read once for all pending targets (not once per target)
-            checkpoints = sources
+        # a source is read once for all pending targets, unless the deltas differ per target
+        checkpoints = ({t: {s: tuned_checkpoint(plan.pairs_dir(method), t, s) for s in w} for t, w in pending.items()}
+                       if tuned else sources)
         write_averages(plan.init_dir(method, init), pending, checkpoints, meta=metas.get, expect_method=method)
         write_init_summary(plan, method, init)
 
@@ -74,7 +78,7 @@ def read_init_weights(plan: StudyPlan, method, init) -> dict:
     for t in plan.tasks:
         side = plan.init_path(method, init, t).with_suffix(".json")
         if side.is_file():
-            out[t] = json.loads(side.read_text())["weights"]
+            out[t] = read_json(side, "initial delta's sidecar")["weights"]
     return out
 
 

@@ -22,15 +22,16 @@ import math
 from pathlib import Path
 
 from delta_modules import DeltaConfig
-from pewe.data import TextOptions, list_tasks
+from pewe.data import TextOptions, check_task_names, list_tasks
 from pewe.errors import UserError
 from pewe.inits import INITS, init_spec
 from pewe.layout import init_path, shard_of
 from pewe.scores import DEFAULT_TEMPERATURES, STUDY_SCORES
 from pewe.similarity import ScoreOptions
+from pewe.trainer import TrainSettings
 from pewe.tuning import delta_config_of
 from pewe.weights import parse_groups
-from task_list import BUNDLED_GROUPS, groups_for
+from task_list import BUNDLED_GROUPS, QA_groups, groups_for
 
 log = logging.getLogger("pewe")
 
@@ -114,6 +115,7 @@ class StudyPlan:
     pair_train_iters: int
     pair_valid_interval: int
     progress: bool
+    overwrite: bool  # redo every run, pair, part and initial delta of the steps asked for
 
     @property
     def init_names(self) -> list:
@@ -168,7 +170,7 @@ def make_plan(a) -> StudyPlan:
     methods = list(dict.fromkeys(a.methods))
     for m in methods:
         DeltaConfig(m)  # refuses an unknown method
-    tasks = [str(t) for t in a.tasks]
+    tasks = check_task_names(a.tasks, "--tasks: task")
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
         raise StudyError(f"--tasks: need at least two distinct tasks, got {tasks}")
     for label, d in (("target_task_dir", a.target_task_dir), ("source_task_dir", a.source_task_dir)):
@@ -198,7 +200,14 @@ def make_plan(a) -> StudyPlan:
         raise StudyError("--step_budgets must be >= 0")
     if budgets and budgets[-1] > a.target_train_iters:
         log.warning("step budget %d > target_train_iters %d: no run reaches it", budgets[-1], a.target_train_iters)
-    groups = {f"group_{i + 1}": g for i, g in enumerate(parse_groups(a.groups))} if a.groups else BUNDLED_GROUPS
+    for iters, interval in ((a.source_train_iters, a.valid_interval), (a.target_train_iters, a.valid_interval),
+                            (a.pair_train_iters, a.pair_valid_interval)):
+        TrainSettings(learning_rate=a.learning_rate, batch_size=a.batch_size, train_iters=iters, valid_interval=interval,
+                      log_interval=a.log_interval, predict_batch_size=a.predict_batch_size,
+                      max_output_length=a.max_output_length)  # refuses a bad number before any work
+    ScoreOptions(num_batches=a.sim_num_batches, batch_size=a.sim_batch_size, grand_batches=a.grand_batches)
+    groups = ({f"group_{i + 1}": g for i, g in enumerate(parse_groups(a.groups))} if a.groups
+              else {**BUNDLED_GROUPS, **QA_groups})
     return StudyPlan(
         out=Path(a.output_dir), steps=tuple(steps), methods=tuple(methods),
         deltas={m: delta_config_of(m, a) for m in methods}, tasks=tuple(tasks),
@@ -212,4 +221,5 @@ def make_plan(a) -> StudyPlan:
         predict_batch_size=a.predict_batch_size,
         text=TextOptions(a.max_input_length, a.max_output_length, a.truncation_side),
         sim_num_batches=a.sim_num_batches, sim_batch_size=a.sim_batch_size, grand_batches=a.grand_batches,
-        pair_train_iters=a.pair_train_iters, pair_valid_interval=a.pair_valid_interval, progress=a.progress)
+        pair_train_iters=a.pair_train_iters, pair_valid_interval=a.pair_valid_interval, progress=a.progress,
+        overwrite=a.overwrite)

@@ -4,7 +4,7 @@ same time may each have written before the others finished.
 
 Choices shown in the report: one data split per task (the first ``{task}_{k}_{seed}`` prefix); seeds
 vary the delta's random init, the data order and dropout; one learning rate and batch size (the
-paper's 5e-4, 8). ``manual``: groups are ``task_list.BUNDLED_GROUPS`` restricted to the study tasks
+paper's 5e-4, 8). ``manual``: groups are ``task_list.BUNDLED_GROUPS`` and the paper's ``QA_groups`` restricted to the study tasks
 (``task_list.groups_for``); a target left alone in its group gets no manual initialisation (its cell
 is "—"): falling back to the average of all would repeat the ``average`` row under another name. The
 dev score is recorded at each step budget; the test score only after early stopping (scoring test at
@@ -221,9 +221,7 @@ def refresh_summaries(p: StudyPlan, precision):
         for init in p.init_names:
             write_init_summary(p, method, init)
         for folder in sorted((p.out / method / "targets").glob("*/seed_*")):
-            done = [t for t in p.tasks if (folder / t / "runs").is_dir()]
-            if done:
-                rebuild_result_tsv(folder, done)
+            rebuild_result_tsv(folder)
 
 
 def step_report(p: StudyPlan) -> Path:

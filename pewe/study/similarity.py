@@ -15,12 +15,14 @@ import logging
 
 from pewe.atomic import atomic_write_text
 from pewe.delta_scores import cosine_scores, euclidean_scores, performance_scores, read_tuned_scores
-from pewe.layout import write_similarity
+from pewe.data import first_prefix, split_path
+from pewe.layout import file_sha256, read_json, write_similarity
+from pewe.model import model_fingerprint
 from pewe.scores import score_spec
 from pewe.similarity import SimilarityEngine, first_batches
 from pewe.study.plan import StudyError, StudyPlan
 from pewe.study.sources import study_sources
-from pewe.transfer import PairJob, load_target, tune_pair, zero_shot_score
+from pewe.transfer import PairJob, claim_pair, load_target, tune_pair, zero_shot_score
 
 log = logging.getLogger("pewe")
 
@@ -36,16 +38,31 @@ def step_similarity(bench, plan: StudyPlan, method):
     engine = SimilarityEngine(bench.model, bench.tokenizer, bench.device, options)
     for target in plan.targets:
         path = plan.part_path(method, target)
-        part = json.loads(path.read_text()) if path.is_file() else None
+        record = part_record(engine, plan, target, sources)
+        part = read_json(path, "similarity part") if path.is_file() and not plan.overwrite else None
+        if part is not None and part.get("record") != record:
+            diff = next(k for k in record if part.get("record", {}).get(k) != record[k])
+            raise StudyError(f"{path}: these scores were made with other {diff} than now (a source delta retrained, "
+                             f"other options?); rerun with --overwrite to score again")
         todo = [s for s in plan.scores if part is None or s not in part["scores"]]
         if not todo:
             log.info("%s: already done, skipping", path)
             continue
-        part = part or new_part(engine, plan, target)
+        part = part or {**new_part(engine, plan, target), "record": record}
         part["scores"].update(score_target(bench, engine, plan, method, target, sources, todo))
         atomic_write_text(path, json.dumps(part, indent=1))
         log.info("%s: scored %d sources (%s)", target, len(sources), ", ".join(todo))
     write_similarity_files(plan, method, options)
+
+
+def part_record(engine, plan: StudyPlan, target, sources) -> dict:
+    """What a target's scores depend on: the backbone, the target's dev split, every source delta (by
+    checksum) and the scoring options."""
+    options = dataclasses.asdict(engine.options)
+    del options["quiet"]
+    dev = split_path(plan.target_task_dir, target, first_prefix(plan.target_task_dir, target), "dev")
+    return {"model": model_fingerprint(engine.model), "data": file_sha256(dev),
+            "sources": {s: file_sha256(path) for s, path in sources.items()}, "options": options}
 
 
 def new_part(engine, plan: StudyPlan, target) -> dict:
@@ -86,11 +103,12 @@ def pair_scores(bench, plan: StudyPlan, method, target, sources, names) -> dict:
     data = load_target(plan.target_task_dir, target, tokenizer, plan.text, ("train", "dev"))
     root = plan.pairs_dir(method)
     for source, path in others.items():
-        pair_dir = root / target / source
-        if (pair_dir / "result.json").is_file():
-            log.info("%s: already done, skipping", pair_dir / "result.json")
+        job = PairJob(target, source, path, root / target / source, plan.target_task_dir, settings, plan.text, plan.model,
+                      overwrite=plan.overwrite)
+        if claim_pair(model, tokenizer, job) is not None:
+            log.info("%s: already done, skipping", job.pair_dir / "result.json")
             continue
-        r = tune_pair(model, tokenizer, data, PairJob(source, path, pair_dir, settings, plan.model), device)
+        r = tune_pair(model, tokenizer, data, job, device)
         log.info("%s <- %s: dev %.4f after the short tuning (best at %d)", target, source, r["dev_score"], r["best_step"])
     out = {}
     if "Euclidean" in names:
@@ -107,7 +125,7 @@ def read_part(plan: StudyPlan, method, target) -> dict:
     path = plan.part_path(method, target)
     if not path.is_file():
         raise StudyError(f"{path}: target {target} has no similarity scores yet (run --steps similarity)")
-    return json.loads(path.read_text())
+    return read_json(path, "similarity part")
 
 
 def write_similarity_files(plan: StudyPlan, method, options):
