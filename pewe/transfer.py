@@ -33,6 +33,7 @@ from pewe.data import TextOptions, first_prefix, load_split, split_path
 from pewe.delta_scores import pairs_of
 from pewe.layout import claim_run, file_sha256, format_similarity, read_json, source_checkpoints
 from pewe.metrics import metric_for
+from pewe.model import model_fingerprint
 from pewe.trainer import TrainSettings, score_rows, set_seed, train
 from pewe.tuning import delta_config_from_args, run_record, select_tasks, text_options
 
@@ -153,7 +154,8 @@ def tune_pair(model, tokenizer, data: TargetData, job: PairJob, device) -> dict:
     """Tune the source's delta on the target's train split; keep best and last; returns result.json."""
     s, pair_dir = job.settings, Path(job.pair_dir)
     meta = {"task": data.name, "source": job.source, "prefix": data.prefix, "init": str(job.source_checkpoint),
-            "base_model": job.model, "seed": s.seed, "learning_rate": s.learning_rate, "batch_size": s.batch_size}
+            "base_model": job.model, "base_model_sha256": model_fingerprint(model), "seed": s.seed,
+            "learning_rate": s.learning_rate, "batch_size": s.batch_size}
     summary = train(model, tokenizer, data.train, data.dev, data.metric, s, pair_dir, device,
                     init_checkpoint=job.source_checkpoint, meta=meta)
     last = last_delta(pair_dir / "resume.safetensors")  # right even when train() found the pair already done

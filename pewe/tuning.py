@@ -115,8 +115,8 @@ def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
     fresh_delta()  # the same seeded random init for every run
     result = {"task": job.task, "prefix": job.prefix, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
               "metric": metric, "dev_score": None, "test_score": None}
-    meta = {"task": job.task, "prefix": job.prefix, "base_model": job.model, "seed": s.seed,
-            "learning_rate": s.learning_rate, "batch_size": s.batch_size}
+    meta = {"task": job.task, "prefix": job.prefix, "base_model": job.model, "base_model_sha256": record["model"],
+            "seed": s.seed, "learning_rate": s.learning_rate, "batch_size": s.batch_size}
     if job.do_train:
         train_rows = load_split(job.task_dir, job.task, job.prefix, "train", tokenizer, job.text, True)
         dev_rows = load_split(job.task_dir, job.task, job.prefix, "dev", tokenizer, job.text, False)

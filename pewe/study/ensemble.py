@@ -43,7 +43,7 @@ def init_inputs(plan: StudyPlan, method, init, target) -> InitInputs:
 def step_ensemble(bench, plan: StudyPlan, method):
     """Write each target's initial delta (skipped when present, refused when its weights changed),
     then rebuild each initialisation's summary files over every target done so far."""
-    sources = study_sources(plan, method)
+    sources = study_sources(plan, method, bench.base)
     for init in plan.init_names:
         tuned = init in plan.scores and score_spec(init).init_from_tuned  # Performance: the pair-tuned deltas
         pending, metas = {}, {}  # the targets still to write: {target: {source: w}}, {target: sidecar fields}

@@ -26,8 +26,10 @@ from pewe.data import TextOptions, check_task_names, list_tasks
 from pewe.errors import UserError
 from pewe.inits import INITS, init_spec
 from pewe.layout import init_path, shard_of
+from pewe.model import DEFAULT_MODEL
 from pewe.scores import DEFAULT_TEMPERATURES, STUDY_SCORES
 from pewe.similarity import ScoreOptions
+from pewe.sources import SHIPPED
 from pewe.trainer import TrainSettings
 from pewe.tuning import delta_config_of
 from pewe.weights import parse_groups
@@ -164,6 +166,16 @@ class StudyPlan:
         return path
 
 
+def resolve_source_dir(a, methods, tasks) -> str:
+    """``--source_dir auto``: the shipped sources (data/sources/{method}) when the run's model is the
+    embedded backbone and every method and task has one; else "" (tune them here)."""
+    if str(a.source_dir) != "auto":
+        return str(a.source_dir or "")
+    shipped = all((SHIPPED / m / t / "checkpoint-best.safetensors").is_file() for m in methods for t in tasks)
+    embedded = Path(str(a.model)).expanduser().resolve() == DEFAULT_MODEL.resolve()
+    return str(SHIPPED / "{method}") if shipped and embedded else ""
+
+
 def make_plan(a) -> StudyPlan:
     """Check every option of ``run_study.py`` before any work; the resolved, frozen plan."""
     steps = parse_steps(a.steps)
@@ -174,7 +186,7 @@ def make_plan(a) -> StudyPlan:
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
         raise StudyError(f"--tasks: need at least two distinct tasks, got {tasks}")
     for label, d in (("target_task_dir", a.target_task_dir), ("source_task_dir", a.source_task_dir)):
-        if label == "source_task_dir" and a.source_dir:
+        if label == "source_task_dir" and resolve_source_dir(a, methods, tasks):
             continue  # sources are reused, their data is not read
         missing = [t for t in tasks if t not in list_tasks(d)]
         if missing:
@@ -214,7 +226,7 @@ def make_plan(a) -> StudyPlan:
         targets=tuple(shard_of(targets, a.shard)), source_tasks=tuple(shard_of(tasks, a.source_shard, "--source_shard")),
         seeds=tuple(seeds), budgets=tuple(budgets), scores=tuple(scores), baselines=tuple(inits),
         groups=groups_for(tasks, groups), temperatures=parse_temperatures(a.temperatures), per_token=a.per_token,
-        model=str(a.model), source_dir=str(a.source_dir or ""), source_task_dir=str(a.source_task_dir),
+        model=str(a.model), source_dir=resolve_source_dir(a, methods, tasks), source_task_dir=str(a.source_task_dir),
         target_task_dir=str(a.target_task_dir), source_seed=a.source_seed, learning_rate=a.learning_rate,
         batch_size=a.batch_size, source_train_iters=a.source_train_iters, target_train_iters=a.target_train_iters,
         valid_interval=a.valid_interval, log_interval=a.log_interval, early_stop=a.early_stop,

@@ -34,7 +34,7 @@ def step_similarity(bench, plan: StudyPlan, method):
     if not plan.scores:
         return
     options = plan.score_options(bench.precision)
-    sources = study_sources(plan, method)
+    sources = study_sources(plan, method, bench.base)
     engine = SimilarityEngine(bench.model, bench.tokenizer, bench.device, options)
     for target in plan.targets:
         path = plan.part_path(method, target)

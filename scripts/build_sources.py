@@ -1,0 +1,75 @@
+"""Rebuild the shipped source deltas, data/sources/{method}/{task}/checkpoint-best.safetensors (+ .json).
+
+Every study task is tuned on its full split with the study's own recipe (``run_study.py --steps
+sources``: Adafactor 5e-4, batch 8, validation on the full dev split every ``valid_interval`` updates,
+the best delta kept, early stop after ``early_stop`` validations without gain), then its best delta is
+copied in with the fingerprint of the backbone it was tuned on (``base_model_sha256``: the study
+refuses a shipped source on another backbone) and its scores. ``data/sources/sources.json`` lists
+every shipped source's dev and test score next to its task's majority-answer score.
+
+    python scripts/build_sources.py                                  # every method and study task
+    python scripts/build_sources.py --shard 0/2 & python scripts/build_sources.py --shard 1/2   # 2 processes
+    python scripts/build_sources.py --steps ship                     # copy finished runs in, rewrite sources.json
+
+Resumable: the runs skip or resume as the study's always do, and shipping rewrites only what changed.
+Every tunable below can be overridden as --name=value or --name value; `--help` lists them.
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pewe.model import DEFAULT_MODEL, REPO  # noqa: E402
+from task_list import STUDY_TASKS  # noqa: E402
+
+methods = ["adapter", "lora", "prefix"]  # delta methods to build (their default sizes, as the study's)
+tasks = list(STUDY_TASKS)  # source tasks (the study's tasks on the embedded backbone)
+steps = ["train", "ship"]  # train (tune the sources) and / or ship (copy them into out_dir)
+shard = ""  # "i/n": this process trains every n-th task from i (run n processes, then --steps ship)
+work_dir = str(REPO / "runs" / "sources_build")  # the study's output folder for the source runs
+out_dir = str(REPO / "data" / "sources")  # where the shipped deltas and sources.json go
+model = str(DEFAULT_MODEL)  # backbone the sources are tuned on
+train_iters = 3000  # most updates per source (early stopping may end a run sooner)
+valid_interval = 100  # validate on the full dev split every this many updates (the study's)
+early_stop = 10  # stop after this many validations without gain (the study's)
+learning_rate = 5e-4  # Adafactor learning rate (the study's)
+batch_size = 8  # batch size (the study's)
+seed = 42  # seed of the source deltas (the study's source_seed)
+device = "auto"  # auto, cpu or cuda
+precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
+progress = True  # progress bars
+
+
+def main(argv=None):
+    from pewe.cli import run_cli
+    from pewe.configurator import configure
+
+    a = configure(globals(), __file__, argv)
+    return run_cli(_run, a)
+
+
+def _run(a):
+    import run_study
+    from pewe.errors import UserError
+    from pewe.sources import ship_sources
+
+    unknown = [s for s in a.steps if s not in ("train", "ship")]
+    if unknown:
+        raise UserError(f"--steps: unknown step(s) {', '.join(unknown)}; expected train and / or ship")
+    if "train" in a.steps:
+        code = run_study.main(["--steps", "sources", "--methods", *a.methods, "--tasks", *a.tasks,
+                               "--source_shard", a.shard, "--source_dir", "", "--output_dir", a.work_dir,
+                               "--model", a.model, "--tokenizer_path", a.model,
+                               "--source_train_iters", str(a.train_iters), "--valid_interval", str(a.valid_interval),
+                               "--early_stop", str(a.early_stop), "--learning_rate", str(a.learning_rate),
+                               "--batch_size", str(a.batch_size), "--source_seed", str(a.seed), "--device", a.device,
+                               "--precision", a.precision, f"--progress={a.progress}", "--quiet"])
+        if code:
+            raise SystemExit(code)
+    if "ship" in a.steps:
+        table = ship_sources(Path(a.work_dir), Path(a.out_dir), a.methods, a.tasks, a.model)
+        print(f"wrote {Path(a.out_dir) / 'sources.json'} ({sum(len(v) for v in table.values())} sources)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
