@@ -59,11 +59,15 @@ def recency_bias_init(model):
 
 
 def save_backbone(model, tokenizer, out_dir, dtype=torch.float32):
-    """Save model and tokenizer; ``dtype=torch.bfloat16`` halves the file (loading casts it back to
-    float32, see pewe.model.load_backbone)."""
+    """Save model and tokenizer; ``dtype=torch.bfloat16`` halves the file. The config still says
+    float32, so a plain ``T5ForConditionalGeneration.from_pretrained(out_dir)`` (transformers 5 loads
+    the dtype the config names) gives float32 parameters, as pewe.model.load_backbone does."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["dtype"] = "float32"
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # tokenising with max_length leaves that truncation set on the fast backend, and tokenizer.json
     # would keep it: a reloaded backend would cut every text at that length
     tokenizer.backend_tokenizer.no_truncation()
