@@ -121,22 +121,36 @@ fi
 names="$JOB_NAME-sources,$JOB_NAME-targets,$JOB_NAME-report"
 if [ "$DRY_RUN" != 1 ]; then
     command -v sbatch > /dev/null || fail "sbatch not found: run this on a Slurm login node (DRY_RUN=1 prints the lines)"
-    stale=() active=()
-    while IFS='|' read -r id shown state reason; do
-        [ -n "$id" ] || continue
-        if [ "$state" = PENDING ] && [ "$reason" = DependencyNeverSatisfied ]; then
-            stale+=("$id")
-        else
-            active+=("$shown $state ${reason}")
+    # A job whose dependency failed waits forever (DependencyNeverSatisfied): cancel it. Once it is
+    # cancelled, the job after it in the chain becomes one too, a moment later: look again.
+    cancelled=()
+    for attempt in $(seq 30); do
+        stale=() waiting=() active=()
+        while IFS='|' read -r id shown state reason; do
+            [ -n "$id" ] || continue
+            if [ "$state" = PENDING ] && [ "$reason" = DependencyNeverSatisfied ]; then
+                stale+=("$id")
+            elif [ "$state" = PENDING ] && [ "$reason" = Dependency ]; then
+                waiting+=("$shown $state $reason")
+            else
+                active+=("$shown $state $reason")
+            fi
+        done < <(squeue --me --noheader --name="$names" --format='%A|%i|%T|%r')
+        if [ ${#active[@]} -gt 0 ]; then
+            printf '  %s\n' "${active[@]}" "${waiting[@]}" >&2
+            fail "jobs of this study ($JOB_NAME) are still queued or running (above): wait for them or scancel them, then submit again"
         fi
-    done < <(squeue --me --noheader --name="$names" --format='%A|%i|%T|%r')
-    if [ ${#active[@]} -gt 0 ]; then
-        printf '  %s\n' "${active[@]}" >&2
-        fail "jobs of this study ($JOB_NAME) are still queued or running (above): wait for them or scancel them, then submit again"
-    fi
-    if [ ${#stale[@]} -gt 0 ]; then
-        say "cancelling jobs of an earlier submission that wait on a failed job: ${stale[*]}"
-        scancel "${stale[@]}"
+        if [ ${#stale[@]} -gt 0 ]; then
+            say "cancelling jobs of an earlier submission that wait on a failed job: ${stale[*]}"
+            scancel "${stale[@]}"
+            cancelled+=("${stale[@]}")
+        fi
+        [ ${#stale[@]} -gt 0 ] || [ ${#waiting[@]} -gt 0 ] || break
+        sleep 2
+    done
+    if [ ${#waiting[@]} -gt 0 ]; then
+        printf '  %s\n' "${waiting[@]}" >&2
+        fail "jobs of this study ($JOB_NAME) still wait on their dependencies (above): scancel them, then submit again"
     fi
     mkdir -p "$LOG_DIR"
 fi

@@ -21,8 +21,9 @@ esac
 stamp() { date '+%F %T'; }
 me=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 me=${me:-${SLURM_JOB_ID:-?}}
-echo "=== $(stamp) job $me (id ${SLURM_JOB_ID:-?}) on $(hostname -s): $step ${step_args[*]:1}," \
+echo "=== $(stamp) job $me (id ${SLURM_JOB_ID:-?}) on $(hostname -s): ${step_args[*]}," \
     "restart ${SLURM_RESTART_COUNT:-0}"
+export PYTHONUNBUFFERED=1  # printed lines reach the log in order with the logged ones
 if [ -n "$setup" ]; then
     eval "$setup" || { echo "error: slurm_study_job.sh: SETUP failed: $setup" >&2; exit 1; }
 fi

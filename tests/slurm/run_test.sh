@@ -203,11 +203,17 @@ STUDY=(--model "$T/study/backbone" --tokenizer_path "$T/study/backbone" --source
        --target_train_iters 40 --valid_interval 5 --log_interval 5 --step_budgets 0 5 --seeds 42
        --scores Loss --inits average --max_output_length 8 --learning_rate 0.01 --progress false)
 
-launch() {  # launch OUTPUT_DIR: submit the study; sets SOURCES TARGETS REPORT (job ids)
-    local out=$1 log="$T/log/launch_$(basename "$1")_$(date +%s%N).txt"
-    PARTITION=debug TIME=00:10:00 CPUS=1 MEM=1G GRES= SOURCE_TASKS=2 TARGET_TASKS=2 REPORT_MEM=1G \
-        PYTHON="$PYTHON" bash scripts/slurm_study.sh "${STUDY[@]}" --output_dir "$out" > "$log" 2>&1 \
-        || { cat "$log" >&2; fail "slurm_study.sh refused to submit"; }
+launcher() {  # launcher OUTPUT_DIR [ENV=VALUE...]: scripts/slurm_study.sh with the test's resources
+    local out=$1
+    shift
+    env PARTITION=debug TIME=00:10:00 CPUS=1 MEM=1G GRES= SOURCE_TASKS=2 TARGET_TASKS=2 REPORT_MEM=1G \
+        PYTHON="$PYTHON" "$@" bash scripts/slurm_study.sh "${STUDY[@]}" --output_dir "$out"
+}
+
+launch() {  # launch OUTPUT_DIR [ENV=VALUE...]: submit the study; sets SOURCES TARGETS REPORT (job ids), LAUNCH_LOG
+    LAUNCH_LOG="$T/log/launch_$(basename "$1")_$(date +%s%N).txt"
+    local log=$LAUNCH_LOG
+    launcher "$@" > "$log" 2>&1 || { cat "$log" >&2; fail "slurm_study.sh refused to submit"; }
     sed 's/^/    /' "$log"
     SOURCES=$(awk '$1 == "sources" && $2 == "job" {print $3}' "$log")
     TARGETS=$(awk '$1 == "targets" && $2 == "job" {print $3}' "$log")
@@ -219,6 +225,16 @@ wait_idle() {  # wait_idle: until no job is queued or running except ones that c
     local i
     for i in $(seq $((WAIT_S * 2))); do
         [ -z "$(squeue --noheader --format='%i %r' | grep -v DependencyNeverSatisfied)" ] && return 0
+        sleep 0.5
+    done
+    squeue >&2
+    fail "jobs still queued or running after $WAIT_S s"
+}
+
+wait_settled() {  # wait_settled: until nothing runs and nothing waits but on a dependency
+    local i
+    for i in $(seq $((WAIT_S * 2))); do
+        [ -z "$(squeue --noheader --format='%T %r' | grep -v '^PENDING Dependency')" ] && return 0
         sleep 0.5
     done
     squeue >&2
@@ -281,15 +297,40 @@ wait "$reference_pid" || { tail -n 20 "$T/log/reference.txt" >&2; fail "the refe
 say "reference done"
 
 say "1/2 clean: submit with 2 + 2 shards"
+dry=$(launcher "$T/runs/clean" DRY_RUN=1) || fail "the dry run failed: $dry"
+[ "$(grep -c '^[A-Z]*=$(sbatch --parsable ' <<< "$dry")" = 3 ] && grep -qF -- '--dependency=afterok:$SOURCES' <<< "$dry" \
+    && grep -qF -- '--dependency=afterok:$TARGETS' <<< "$dry" || fail "the dry run did not print three chained sbatch lines: $dry"
+[ -z "$(squeue --noheader)" ] && [ ! -e "$T/runs/clean" ] || fail "the dry run submitted or wrote something"
+say "the dry run prints three chained sbatch lines and submits nothing"
 launch "$T/runs/clean"
 wait_idle
 expect_completed 5 "$SOURCES" "$TARGETS" "$REPORT"
 compare "$T/runs/clean"
 
-say "2/2 killed: USR1 to a sources task mid-run, SIGKILL to a targets task mid-run, then the same command again"
+say "2/2 killed: a failed submission, then USR1 to a sources task and SIGKILL to a targets task mid-run, then the same command again"
 out=$T/runs/killed
+# every job of a first submission fails at once (SETUP exits inside a job): its targets and report
+# jobs would wait forever; the next submission must cancel both
+launch "$out" SETUP='if [ -n "${SLURM_JOB_ID:-}" ]; then exit 3; fi'
+failed_sources=$SOURCES failed_targets=$TARGETS failed_report=$REPORT
+wait_settled
+out_states=$(states "$failed_sources")
+grep -q . <<< "$out_states" && ! grep -qv '|FAILED$' <<< "$out_states" \
+    || fail "the failing submission's sources tasks did not all fail: $out_states"
+say "a failing submission: sources $failed_sources FAILED, targets $failed_targets and report $failed_report wait on it"
 launch "$out"
+for id in "$failed_targets" "$failed_report"; do
+    for i in $(seq 50); do [[ "$(state_of "$id")" == CANCELLED* ]] && break; sleep 0.2; done
+    [[ "$(state_of "$id")" == CANCELLED* ]] || fail "the launcher did not cancel job $id of the failed submission: $(state_of "$id")"
+done
+say "the next submission cancelled the failed one's targets $failed_targets and report $failed_report"
 first_report=$REPORT
+if launcher "$out" > "$T/log/launch_twice.txt" 2>&1; then
+    fail "a second submission while the first is queued was accepted ($T/log/launch_twice.txt)"
+fi
+grep -q "are still queued or running" "$T/log/launch_twice.txt" \
+    || { cat "$T/log/launch_twice.txt" >&2; fail "the second submission failed for another reason"; }
+say "a second submission while the first is queued is refused: $(tail -n 1 "$T/log/launch_twice.txt")"
 usr1_run=$(run_dir "$out" sources csqa2)  # sources shard 1/2 tunes the second task
 wait_file "$usr1_run/resume.safetensors" "${SOURCES}_1"
 [ ! -f "$usr1_run/result.json" ] || fail "sources task ${SOURCES}_1 finished its run before USR1 could be sent"
@@ -325,8 +366,8 @@ reason=$(squeue --noheader --jobs="$first_report" --format=%r)
 [ "$reason" = DependencyNeverSatisfied ] || fail "report job $first_report: reason '$reason', expected DependencyNeverSatisfied"
 say "${TARGETS}_0 ended $killed_state; report job $first_report waits on it forever: resubmitting"
 launch "$out"
-grep -q "cancelling jobs of an earlier submission that wait on a failed job: $first_report" \
-    "$(ls -t "$T"/log/launch_killed_* | head -n 1)" || fail "the launcher did not cancel the stale report job $first_report"
+grep -q "cancelling jobs of an earlier submission that wait on a failed job: $first_report" "$LAUNCH_LOG" \
+    || fail "the launcher did not cancel the stale report job $first_report"
 wait_idle
 expect_completed 5 "$SOURCES" "$TARGETS" "$REPORT"
 resumed_log=$(ls "$out"/slurm/*-targets_"${TARGETS}"_0.log)
