@@ -123,7 +123,6 @@ if [ "$DRY_RUN" != 1 ]; then
     command -v sbatch > /dev/null || fail "sbatch not found: run this on a Slurm login node (DRY_RUN=1 prints the lines)"
     # A job whose dependency failed waits forever (DependencyNeverSatisfied): cancel it. Once it is
     # cancelled, the job after it in the chain becomes one too, a moment later: look again.
-    cancelled=()
     for attempt in $(seq 30); do
         stale=() waiting=() active=()
         while IFS='|' read -r id shown state reason; do
@@ -135,7 +134,7 @@ if [ "$DRY_RUN" != 1 ]; then
             else
                 active+=("$shown $state $reason")
             fi
-        done < <(squeue --me --noheader --name="$names" --format='%A|%i|%T|%r')
+        done < <(squeue --user="$(id -un)" --noheader --name="$names" --format='%A|%i|%T|%r')
         if [ ${#active[@]} -gt 0 ]; then
             printf '  %s\n' "${active[@]}" "${waiting[@]}" >&2
             fail "jobs of this study ($JOB_NAME) are still queued or running (above): wait for them or scancel them, then submit again"
@@ -143,7 +142,6 @@ if [ "$DRY_RUN" != 1 ]; then
         if [ ${#stale[@]} -gt 0 ]; then
             say "cancelling jobs of an earlier submission that wait on a failed job: ${stale[*]}"
             scancel "${stale[@]}"
-            cancelled+=("${stale[@]}")
         fi
         [ ${#stale[@]} -gt 0 ] || [ ${#waiting[@]} -gt 0 ] || break
         sleep 2
@@ -205,7 +203,7 @@ slurm_study.sh: submitted the study $out_abs
   targets  job $TARGETS  array 0-$((target_width - 1))$throttle, after $SOURCES succeeds
   report   job $REPORT  after $TARGETS succeeds
 follow them:
-  squeue --me --name=$names
+  squeue --user=$(id -un) --name=$names
   sacct -j $SOURCES,$TARGETS,$REPORT --format=JobID%-14,JobName%-40,State,ExitCode,Elapsed
 logs: $LOG_DIR/ (one per array task); report: $out_abs/report.md when job $REPORT has finished
 after a failure or a preemption, the same command again resumes (finished pieces are skipped)

@@ -31,9 +31,11 @@ fi
 requeue_before_time_limit() {
     if [ "${SLURM_RESTART_COUNT:-0}" -lt "$max_restarts" ]; then
         echo "=== $(stamp) USR1 (time limit near): requeueing job $me; it resumes from the last validation"
-        scontrol requeue "$me"  # not $SLURM_JOB_ID: one array task's id is also the whole array's
+        scontrol requeue "$me" \
+            || echo "=== scontrol requeue $me failed: the task ends at its time limit; submit the same command again"
+        # ($me, not $SLURM_JOB_ID: the id of one array task is also the whole array's)
     else
-        echo "=== $(stamp) USR1 (time limit near): restarted ${SLURM_RESTART_COUNT} times already (MAX_RESTARTS)," \
+        echo "=== $(stamp) USR1 (time limit near): restarted ${SLURM_RESTART_COUNT:-0} times already (MAX_RESTARTS)," \
             "not requeued; submit the same command again to resume"
     fi
 }

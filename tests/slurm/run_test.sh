@@ -29,16 +29,18 @@ WAIT_S=${WAIT_S:-600}  # give up on a set of jobs after this many seconds
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}  # Python with the requirements (make install)
 export OMP_NUM_THREADS=1  # the reference and the jobs: same thread count, same bits
 export PATH=$PATH:/usr/sbin:/sbin
-PACKAGES=(slurm-wlm slurmdbd munge mariadb-server-core mariadb-client-core)
-COMMANDS=(sbatch slurmdbd munged mariadbd my_print_defaults)  # one command of each package
+PACKAGES=(slurm-wlm slurmdbd munge mariadb-server-core mariadb-client-core)  # Debian's
+NEEDED=(sbatch:slurm-wlm slurmctld:slurm-wlm slurmd:slurm-wlm slurmdbd:slurmdbd munged:munge
+        mariadbd:mariadb-server-core mariadb-install-db:mariadb-server-core mariadb:mariadb-client-core
+        my_print_defaults:mariadb-client-core)  # command:package
 
 say() { echo "test-slurm: $*"; }
 fail() { echo "test-slurm: FAILED: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- packages
 missing=()
-for i in "${!COMMANDS[@]}"; do
-    command -v "${COMMANDS[$i]}" > /dev/null || missing+=("${PACKAGES[$i]}")
+for pair in "${NEEDED[@]}"; do
+    command -v "${pair%%:*}" > /dev/null || [[ " ${missing[*]} " == *" ${pair#*:} "* ]] || missing+=("${pair#*:}")
 done
 if [ "$(id -u)" != 0 ]; then
     fail "needs root: it installs ${PACKAGES[*]} with apt-get when missing (missing now: ${missing[*]:-none})" \
