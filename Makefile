@@ -1,12 +1,13 @@
 # make test   install what is needed into .venv, then run the test suite
 # make demo   the main job on the embedded default (bundled data, small T5, CPU)
+# make test-slurm  scripts/slurm_study.sh on a real single-node Slurm (root; installs slurm-wlm, munge)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 BACKBONE := data/t5-mini/config.json
 
-.PHONY: install backbone demo test clean-runs
+.PHONY: install backbone demo test test-slurm clean-runs
 
 install: $(STAMP)
 
@@ -32,6 +33,10 @@ demo: $(BACKBONE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Not part of `make test`: it needs root and starts Slurm daemons (tests/slurm/run_test.sh says what it does).
+test-slurm: $(STAMP)
+	PYTHON=$(abspath $(BIN))/python bash tests/slurm/run_test.sh
 
 clean-runs:
 	rm -rf runs

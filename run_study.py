@@ -8,16 +8,12 @@ skips what is done, so the same command resumes an interrupted study. Outputs: {
 report.csv, gain.png, heatmaps/, and per method {output_dir}/{method}/ (sources, similarity, init,
 targets).
 
-Spread over a Slurm job array (the source deltas are shared by every target: tune them first; the
-report reads only files and runs once at the end):
+On a Slurm cluster, scripts/slurm_study.sh submits the study as three chained jobs (the sources and
+the per-target steps as array jobs, then the report) and resumes it when submitted again; README.md,
+"On a cluster", also covers several GPUs of one node.
 
-    J1=$(sbatch --parsable --array=0-3 --wrap \
-        'python run_study.py --steps sources --source_shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT')
-    J2=$(sbatch --parsable --dependency=afterok:$J1 --array=0-7 --wrap 'python run_study.py \
-        --steps random similarity ensemble targets --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT')
-    sbatch --dependency=afterok:$J2 --wrap 'python run_study.py --steps report'
-
-(Every call takes the same other options.) A shard runs the per-target steps for every n-th target;
+By hand: `--source_shard i/n` splits the sources step and `--shard i/n` the per-target steps, every
+call with the same other options. A shard runs the per-target steps for every n-th target;
 several shards may run at once. Run one after another, `--shard 0/2`, `--shard 1/2`, then
 `--steps report` gives the same report as one unsharded run.
 
