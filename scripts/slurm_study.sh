@@ -100,12 +100,12 @@ import sys
 import run_study
 from pewe.cli import run_cli
 from pewe.configurator import configure
-from pewe.study import plan
+from pewe.study import make_plan
 
 def check():
     a = configure(vars(run_study), run_study.__file__, sys.argv[1:])
-    p = plan(a)
-    print(len(p.tasks), len(p.targets), 1 if a.source_dir else 0)
+    p = make_plan(a)
+    print(len(p.tasks), len(p.targets), 1 if p.source_dir else 0)
 
 sys.exit(run_cli(check))
 EOF
