@@ -34,31 +34,35 @@ class Example:
     line: int  # 1-based line number in its file
 
 
-def read_tsv(path) -> list:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    examples = []
+def text_lines(path):
+    """(line number, line without its end) of a UTF-8 text file: a byte-order mark at the start is
+    dropped (it is not part of the first field), and a line that is not UTF-8 is named."""
     with open(path, "rb") as f:
         for lineno, raw_bytes in enumerate(f, 1):
             try:
                 raw = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
-            if lineno == 1:
-                raw = raw.removeprefix("\ufeff")  # a byte-order mark is not part of the first input
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise DataError(f"{path}:{lineno}: no tab between input and answer")
-            text, *answers = line.split("\t")
-            if not text.strip():
-                raise DataError(f"{path}:{lineno}: empty input")
-            answers = tuple(a.strip() for a in answers)
-            if not answers or any(not a for a in answers):
-                raise DataError(f"{path}:{lineno}: empty answer")
-            examples.append(Example(text.strip(), answers, lineno))
+            yield lineno, (raw.removeprefix("\ufeff") if lineno == 1 else raw).rstrip("\n").rstrip("\r")
+
+
+def read_tsv(path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples = []
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataError(f"{path}:{lineno}: no tab between input and answer")
+        text, *answers = line.split("\t")
+        if not text.strip():
+            raise DataError(f"{path}:{lineno}: empty input")
+        answers = tuple(a.strip() for a in answers)
+        if not answers or any(not a for a in answers):
+            raise DataError(f"{path}:{lineno}: empty answer")
+        examples.append(Example(text.strip(), answers, lineno))
     if not examples:
         raise DataError(f"{path}: no examples (empty split)")
     return examples

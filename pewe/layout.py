@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from pewe.atomic import atomic_write_text
-from pewe.data import DataError
+from pewe.data import DataError, text_lines
 from pewe.errors import UserError
 from delta_modules import DeltaError
 
@@ -78,7 +78,7 @@ def shard_of(items, shard, option="--shard") -> list:
 
 
 def _first_difference(old: dict, new: dict, prefix=""):
-    for key in sorted(set(old) | set(new)):
+    for key in [*new, *(k for k in old if k not in new)]:  # the record's own order: the most telling first
         if key in MAY_DIFFER and not prefix:
             continue
         a, b = old.get(key), new.get(key)
@@ -89,6 +89,13 @@ def _first_difference(old: dict, new: dict, prefix=""):
         elif a != b:
             return f"{prefix}{key}", a, b
     return None
+
+
+def _short(value) -> str:
+    """A value for a message: checksums (of a model, a file) cut to 12 digits."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return f"{value[:12]}... (a checksum)"
+    return repr(value)
 
 
 def claim_run(run_dir, record: dict, overwrite=False, what="run"):
@@ -105,8 +112,8 @@ def claim_run(run_dir, record: dict, overwrite=False, what="run"):
         diff = _first_difference(old, record)
         if diff is not None:
             key, a, b = diff
-            raise UserError(f"{run_dir}: this {what} was made with {key} = {a!r}, not {b!r}; rerun with --overwrite "
-                            f"to start it afresh, or use another output folder")
+            raise UserError(f"{run_dir}: this {what} was made with {key} = {_short(a)}, not {_short(b)}; rerun with "
+                            f"--overwrite to start it afresh, or use another output folder")
         if old.get("train_iters", 0) >= record.get("train_iters", 0):
             return  # the same run (or one that did more): its record stands
     elif run_dir.is_dir() and any(run_dir.iterdir()):
@@ -262,37 +269,36 @@ def read_similarity(path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: no such similarity file")
     scores, target, target_line = {}, None, 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            if "," not in line:  # a target-name line opens a block
-                if re.search(r"\s", line) or _is_number(line):
-                    raise DataError(f"{path}:{lineno}: expected a target name or 'source,score', got {line!r} "
-                                    f"(layout: a target-name line, then its source,score lines)")
-                if target is not None and not scores[target]:
-                    raise DataError(f"{path}:{target_line}: target {target} has no source,score lines")
-                if line in scores:
-                    raise DataError(f"{path}:{lineno}: target {line} appears twice")
-                target, target_line = line, lineno
-                scores[target] = {}
-                continue
-            fields = [x.strip() for x in line.split(",")]
-            if len(fields) != 2 or not fields[0]:
-                raise DataError(f"{path}:{lineno}: expected 'source,score', got {line!r}")
-            if target is None:
-                raise DataError(f"{path}:{lineno}: a source,score line before any target-name line")
-            source, text = fields
-            try:
-                score = float(text)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: score {text!r} of source {source} is not a number") from None
-            if not math.isfinite(score):
-                raise DataError(f"{path}:{lineno}: score of source {source} for target {target} is {text}")
-            if source in scores[target]:
-                raise DataError(f"{path}:{lineno}: source {source} appears twice for target {target}")
-            scores[target][source] = score
+    for lineno, raw in text_lines(path):
+        line = raw.strip()
+        if not line:
+            continue
+        if "," not in line:  # a target-name line opens a block
+            if re.search(r"\s", line) or _is_number(line):
+                raise DataError(f"{path}:{lineno}: expected a target name or 'source,score', got {line!r} "
+                                f"(layout: a target-name line, then its source,score lines)")
+            if target is not None and not scores[target]:
+                raise DataError(f"{path}:{target_line}: target {target} has no source,score lines")
+            if line in scores:
+                raise DataError(f"{path}:{lineno}: target {line} appears twice")
+            target, target_line = line, lineno
+            scores[target] = {}
+            continue
+        fields = [x.strip() for x in line.split(",")]
+        if len(fields) != 2 or not fields[0]:
+            raise DataError(f"{path}:{lineno}: expected 'source,score', got {line!r}")
+        if target is None:
+            raise DataError(f"{path}:{lineno}: a source,score line before any target-name line")
+        source, text = fields
+        try:
+            score = float(text)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: score {text!r} of source {source} is not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{path}:{lineno}: score of source {source} for target {target} is {text}")
+        if source in scores[target]:
+            raise DataError(f"{path}:{lineno}: source {source} appears twice for target {target}")
+        scores[target][source] = score
     if target is None:
         raise DataError(f"{path}: no similarity scores (empty file)")
     if not scores[target]:
@@ -305,7 +311,7 @@ def read_similarity_meta(sim_path):
     meta = Path(sim_path).parent / "scores.json"
     if not meta.is_file():
         return None
-    return json.loads(meta.read_text())
+    return read_json(meta, "scores.json")
 
 
 def similarity_files(sim_path) -> list:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 import statistics
 from collections import Counter
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 
 from pewe.atomic import atomic_write_bytes, atomic_write_text
 from pewe.data import first_prefix, read_tsv, split_path
-from pewe.layout import rebuild_result_tsv, run_name
+from pewe.layout import read_json, rebuild_result_tsv, run_name
 from pewe.metrics import evaluate, majority_answer, metric_for
 from pewe.scores import score_spec, temperature_text
 from pewe.study.ensemble import read_init_weights, write_init_summary
@@ -61,7 +60,7 @@ def collect(p: StudyPlan) -> list:
                             / "result.json")
                     if not done.is_file():
                         continue
-                    r = json.loads(done.read_text())
+                    r = read_json(done, "run result")
                     key = (method, init, target, seed)
                     rows.append((*key, EARLY, "test", r["test_score"]))
                     rows.append((*key, EARLY, "dev", r["dev_score"]))
