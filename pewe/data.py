@@ -17,6 +17,7 @@ from pewe.errors import UserError
 
 log = logging.getLogger("pewe")
 SPLITS = ("train", "dev", "test")
+REQUIRED_SPLITS = ("train", "dev")  # a new task may come without a test split
 
 # bAbI puts the question at the end of a long story: truncate those inputs from the left so the
 # question survives. Every other task keeps the original's right truncation.
@@ -100,13 +101,14 @@ def list_tasks(task_dir) -> list:
 
 
 def split_prefixes(task_path) -> list:
-    """``{task}_{k}_{seed}`` prefixes found in a task folder, as the original's loop finds them."""
+    """``{task}_{k}_{seed}`` prefixes found in a task folder, as the original's loop finds them; each
+    must have its train and dev splits (test is optional: a new task may have none)."""
     task_path = _folder(task_path, "missing task folder")
     prefixes = sorted({f.name.rsplit("_", 1)[0] for f in task_path.glob("*.tsv")})
     if not prefixes:
         raise DataError(f"{task_path}: no .tsv splits")
     for prefix in prefixes:
-        for split in SPLITS:
+        for split in REQUIRED_SPLITS:
             if not (task_path / f"{prefix}_{split}.tsv").is_file():
                 raise DataError(f"{task_path}: {prefix}_{split}.tsv is missing")
     return prefixes
@@ -123,6 +125,10 @@ def first_prefix(task_dir, task, warn=False) -> str:
 
 def split_path(task_dir, task, prefix, split) -> Path:
     return Path(task_dir) / task / f"{prefix}_{split}.tsv"
+
+
+def has_split(task_dir, task, prefix, split) -> bool:
+    return split_path(task_dir, task, prefix, split).is_file()
 
 
 def truncation_side_for(task: str, option: str = "auto") -> str:

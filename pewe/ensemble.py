@@ -14,14 +14,14 @@ from pathlib import Path
 
 from delta_modules import METHODS, DeltaError
 from pewe.averaging import write_averages
-from pewe.data import DataError, list_tasks
-from pewe.layout import SOURCE_PATTERN, source_checkpoints, write_similarity
+from pewe.data import DataError
+from pewe.layout import source_checkpoints, write_similarity
 from pewe.scores import score_spec
 from pewe.weight_reports import weights_title, write_weight_reports
 from pewe.weights import EnsembleError
 
-__all__ = ["EnsembleError", "check_delta_name", "fill_path", "find_tasks", "source_checkpoints", "write_ensemble",
-           "write_score_file", "summary_line"]
+__all__ = ["EnsembleError", "check_delta_name", "fill_path", "select_pool", "select_targets",
+           "write_ensemble", "write_score_file", "summary_line", "report_written"]
 
 
 def check_delta_name(delta):
@@ -37,23 +37,26 @@ def fill_path(template, **fields) -> Path:
     return Path(text)
 
 
-def find_tasks(origin_data_path, source_ckpt_path, task_list=()) -> list:
-    """``task_list`` (each must be a task folder of ``origin_data_path``), or else every task folder
-    of ``origin_data_path`` that has a source checkpoint."""
-    folders = list_tasks(origin_data_path)
+def select_pool(source_dir, names=(), task_list=()) -> dict:
+    """{source: delta} of the pool: the named sources (each must have its delta), or every delta of
+    ``source_dir``; ``task_list`` (the original's TASK_LIST) restricts it."""
+    pool = source_checkpoints(source_dir, [str(n) for n in names])
     if task_list:
-        tasks = [str(t) for t in task_list]
-        missing = [t for t in tasks if t not in folders]
-        if missing:
-            raise DataError(f"{origin_data_path}: no task folder(s) {', '.join(missing)}")
-        if len(set(tasks)) != len(tasks):
-            raise EnsembleError(f"task_list names a task twice: {tasks}")
-        return tasks
-    tasks = [t for t in folders if any((Path(source_ckpt_path) / t).glob(SOURCE_PATTERN))]
-    if len(tasks) < 2:
-        raise DeltaError(f"{source_ckpt_path}: found source checkpoints ({{task}}/{SOURCE_PATTERN}) "
-                         f"for {len(tasks)} of the {len(folders)} tasks of {origin_data_path}; need at least 2")
-    return tasks
+        pool = {s: p for s, p in pool.items() if s in {str(t) for t in task_list}}
+    if not pool:
+        raise DeltaError(f"{source_dir}: no source delta left in the pool (task_list {list(task_list)})")
+    return pool
+
+
+def select_targets(names, default, task_list=(), where="targets") -> list:
+    """The named targets, or else ``default`` (the similarity file's targets, or the pool itself for
+    the original's leave-one-out); ``task_list`` (the original's TASK_LIST) restricts them."""
+    targets = [str(t) for t in names] or [str(t) for t in default]
+    if task_list:
+        targets = [t for t in targets if t in {str(x) for x in task_list}]
+    if not targets:
+        raise DataError(f"{where}: no target left (task_list {list(task_list)})")
+    return targets
 
 
 def write_ensemble(save_dir, weights: dict, checkpoints: dict, *, method, sources=None, expect_method=None,
@@ -83,3 +86,12 @@ def write_score_file(out_dir, scores: dict, metric, **extra) -> Path:
 def summary_line(target, w, top=3) -> str:
     best = sorted(w.items(), key=lambda kv: -kv[1])[:top]
     return f"  {target}: " + ", ".join(f"{s} {x:.3f}" for s, x in best)
+
+
+def report_written(save_dir, weights: dict, headline: str):
+    """What every unit_model script prints when it is done."""
+    print(headline)
+    for target, w in weights.items():
+        print(summary_line(target, w))
+    print(f"wrote {save_dir}/without_{{task}}_checkpoint.safetensors, final_weight.txt, weights.csv, hot_pic_all.png")
+    print(f"tune from them: python tune_hps_singletask.py --do_train --train_checkpoint {save_dir} ...")

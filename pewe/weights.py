@@ -93,8 +93,10 @@ def parse_groups(groups) -> list:
     return out
 
 
-def group_weights(groups, sources=None) -> dict:
-    """The manual division: each target of a group gets the plain average of the other members."""
+def group_weights(groups, sources=None, targets=()) -> dict:
+    """The manual division: each target of a group gets the plain average of the other members that
+    are sources. ``sources``: the pool (None: every member is one); ``targets``: tasks outside the pool
+    that may stand in a group (they get the group's sources)."""
     groups = parse_groups(groups)
     seen, out = {}, {}
     for i, group in enumerate(groups):
@@ -103,9 +105,12 @@ def group_weights(groups, sources=None) -> dict:
         for task in group:
             if task in seen:
                 raise EnsembleError(f"task {task} is in group {seen[task] + 1} and in group {i + 1}")
-            if sources is not None and task not in sources:
+            if sources is not None and task not in sources and task not in targets:
                 raise EnsembleError(f"group {i + 1}: task {task} is not among the sources")
             seen[task] = i
+        members = [s for s in group if sources is None or s in sources]
         for target in group:
-            out[target] = {s: 1.0 / (len(group) - 1) for s in group if s != target}
+            others = [s for s in members if s != target]
+            if others:
+                out[target] = {s: 1.0 / len(others) for s in others}
     return out

@@ -291,8 +291,7 @@ def test_unit_model_others_end_to_end(study, tmp_path):
 
     root, tasks, deltas, scores = study
     out = tmp_path / "init"
-    r = subprocess.run([sys.executable, "unit_model_others.py", f"--origin_data_path={root / 'data'}",
-                        f"--source_ckpt_path={root / 'sources'}", f"--sim_path={root / 'result.tsv'}",
+    r = subprocess.run([sys.executable, "unit_model_others.py", f"--source_ckpt_path={root / 'sources'}", f"--origin_data_path={root / 'result.tsv'}",
                         f"--save_ckpt_path={out}", "--tem=0.5", "--metric=Loss", "--delta=lora"],
                        cwd=REPO / "unit_model", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -324,7 +323,7 @@ def test_unit_model_others_block_folder(study, tmp_path):
                                                           for t, row in scores.items()}, tasks, tasks)
     (sims / "notes.txt").write_text("not a similarity file")
     out = tmp_path / "init"
-    rc = load_script("unit_model_others").main([f"--origin_data_path={root / 'data'}", f"--sim_path={sims}",
+    rc = load_script("unit_model_others").main([f"--origin_data_path={sims}",
                                                 f"--source_ckpt_path={root / 'sources'}", f"--save_ckpt_path={out}",
                                                 "--delta=lora", "--task_list", "t1", "t2", "t3"])
     assert rc == 0
@@ -341,12 +340,12 @@ def test_unit_model_average_end_to_end(study, tmp_path):
     root, tasks, deltas, _ = study
     out = tmp_path / "manual"
     r = subprocess.run([sys.executable, str(REPO / "unit_model" / "unit_model_average.py"),
-                        f"--origin_data_path={root / 'data'}", f"--source_ckpt_path={root / 'sources'}",
+                        f"--source_ckpt_path={root / 'sources'}",
                         f"--save_ckpt_path={out}", "--delta=lora", "--groups", "t1 t2 t3", "t4+t2"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: task t2 is in group 1 and in group 2"]
     r = subprocess.run([sys.executable, str(REPO / "unit_model" / "unit_model_average.py"),
-                        f"--origin_data_path={root / 'data'}", f"--source_ckpt_path={root / 'sources'}",
+                        f"--source_ckpt_path={root / 'sources'}",
                         f"--save_ckpt_path={out}", "--delta=lora", "--groups", "t1 t2 t3"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -357,7 +356,7 @@ def test_unit_model_average_end_to_end(study, tmp_path):
     assert meta["method"] == "manual" and not list(out.glob("without_t4_*"))
 
     out = tmp_path / "all"  # average of all, in process
-    assert load_script("unit_model_average").main([f"--origin_data_path={root / 'data'}", "--delta=lora",
+    assert load_script("unit_model_average").main(["--delta=lora",
                                                    f"--source_ckpt_path={root / 'sources'}",
                                                    f"--save_ckpt_path={out}"]) == 0
     got, _, _ = read_delta(train_checkpoint_for(out, "t4"))
@@ -372,24 +371,25 @@ def test_scripts_defaults_are_repo_relative_and_errors_are_one_line(study, tmp_p
     root, tasks, _, _ = study
     others = load_script("unit_model_others")
     assert others.source_ckpt_path == str(REPO / "runs" / "{delta}" / "sources")
-    assert others.sim_path == str(REPO / "runs" / "{delta}" / "similarity" / "{metric}" / "result.tsv")
-    assert others.origin_data_path == str(REPO / "data" / "fewshot")
+    # origin_data_path is the similarity file, as in the original (no separate sim_path)
+    assert others.origin_data_path == str(REPO / "runs" / "{delta}" / "similarity" / "{metric}" / "result.tsv")
+    assert not hasattr(others, "sim_path")
     # task folders without any source checkpoint under the default runs/adapter/sources
     make_task_folders(tmp_path / "data", ["no-such-task-a", "no-such-task-b"])
     (tmp_path / "sim.tsv").write_text("t1\nt2,0.1\n")
-    assert others.main([f"--origin_data_path={tmp_path / 'data'}", f"--sim_path={tmp_path / 'sim.tsv'}"]) == 1
+    assert others.main([f"--origin_data_path={tmp_path / 'sim.tsv'}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {REPO / 'runs' / 'adapter' / 'sources'}")
     # a non-finite score: one line naming file and line, nothing written
     bad = tmp_path / "bad.tsv"
     bad.write_text("t1\nt2,inf\n")
     out = tmp_path / "never"
-    assert others.main([f"--origin_data_path={root / 'data'}", f"--source_ckpt_path={root / 'sources'}",
-                        f"--sim_path={bad}", f"--save_ckpt_path={out}", "--delta=lora"]) == 1
+    assert others.main([f"--source_ckpt_path={root / 'sources'}",
+                        f"--origin_data_path={bad}", f"--save_ckpt_path={out}", "--delta=lora"]) == 1
     assert capsys.readouterr().err.strip() == f"error: {bad}:2: score of source t2 for target t1 is inf"
     assert not out.exists()
-    assert others.main([f"--origin_data_path={root / 'data'}", f"--source_ckpt_path={root / 'sources'}",
-                        f"--sim_path={root / 'result.tsv'}", f"--save_ckpt_path={out}", "--tem=0"]) == 1
+    assert others.main([f"--source_ckpt_path={root / 'sources'}",
+                        f"--origin_data_path={root / 'result.tsv'}", f"--save_ckpt_path={out}", "--tem=0"]) == 1
     assert "temperature" in capsys.readouterr().err and not out.exists()
 
 

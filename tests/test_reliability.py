@@ -163,7 +163,7 @@ def test_a_nan_in_a_source_delta_is_refused(finished, tmp_path, capsys):
         dm.save_delta(sources / task / "checkpoint-best.safetensors", tensors, config)
     bad = nan_source(sources, "babi-qa6", tensors, config)
     save = tmp_path / "init"
-    assert unit_model_average.main([f"--origin_data_path={REPO / 'data' / 'fewshot'}", f"--source_ckpt_path={sources}",
+    assert unit_model_average.main([f"--source_ckpt_path={sources}",
                                     f"--save_ckpt_path={save}", f"--task_list={','.join(TINY_TASKS)}"]) == 1
     assert f"{bad}: tensor" in one_error(capsys) and not save.exists()
     with pytest.raises(dm.DeltaError, match="non-finite"):
@@ -372,7 +372,7 @@ def test_a_damaged_scores_json_is_one_line(tmp_path, capsys):
     (tmp_path / "sim" / "result.tsv").parent.mkdir()
     (tmp_path / "sim" / "result.tsv").write_text("t1\nt2,0.5\nt2\nt1,0.5\n")
     (tmp_path / "sim" / "scores.json").write_text("{not json")
-    assert unit_model_others.main([f"--sim_path={tmp_path / 'sim' / 'result.tsv'}", f"--origin_data_path={tmp_path / 'tasks'}",
+    assert unit_model_others.main([f"--origin_data_path={tmp_path / 'sim' / 'result.tsv'}",
                                    f"--source_ckpt_path={tmp_path / 'sources'}", f"--save_ckpt_path={tmp_path / 'init'}",
                                    "--delta=lora"]) == 1
     assert f"{tmp_path / 'sim' / 'scores.json'}: not a readable" in one_error(capsys) and not (tmp_path / "init").exists()

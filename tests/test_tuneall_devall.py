@@ -235,7 +235,7 @@ def check_outputs(save, model, scores, metric):
 
 def test_unit_models_cos_euclidean_performance(study, tmp_path):
     model = adapter_model(study["backbone"])
-    common = [f"--origin_data_path={study['tasks']}", f"--source_ckpt_path={study['sources']}", "--delta=adapter"]
+    common = [f"--source_ckpt_path={study['sources']}", "--delta=adapter"]
     src = {t: read_tensors(study["sources"] / t / "checkpoint-best.safetensors") for t in TASKS}
 
     # Cosine, run from its own folder as the original's README does; the sources double as the
@@ -321,13 +321,13 @@ def test_bad_input_is_one_error_line(study, tmp_path, capsys):
                         ("unit_model_cos", [f"--random_tuned_ckpt_path={study['sources']}"])):
         save = tmp_path / name
         for tem in ("0", "-0.1"):
-            assert load_script(name).main([f"--origin_data_path={study['tasks']}", f"--tem={tem}",
+            assert load_script(name).main([f"--tem={tem}",
                                            f"--source_ckpt_path={study['sources']}", f"--save_ckpt_path={save}",
                                            *extra]) == 1
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith("error: temperature must be a positive") and not save.exists()
     save = tmp_path / "perf"
-    assert load_script("unit_model_Performance").main([f"--origin_data_path={study['tasks']}",
+    assert load_script("unit_model_Performance").main([
                                                        f"--source_ckpt_path={study['sources']}",
                                                        f"--tuned_ckpt_path={tmp_path / 'missing'}",
                                                        f"--save_ckpt_path={save}"]) == 1

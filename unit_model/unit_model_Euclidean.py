@@ -23,12 +23,13 @@ _METRIC = "Euclidean"  # pewe.scores: lower = closer
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every delta
 tem = 0.1  # softmax temperature (the paper: 0.1)
-origin_data_path = str(REPO / "data" / "fewshot")  # folder of task folders: their names are the targets
 source_ckpt_path = str(_RUNS / "sources")  # {task}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
 tuned_ckpt_path = str(_RUNS / "tune_all")  # {target}/{source}/checkpoint-{best,last}.safetensors (tune_all_ckpt.py)
 tuned_checkpoint = "best"  # the tuned delta: best (by dev during the short tuning; the original) or last
 save_ckpt_path = str(_RUNS / "init" / "Euclidean")  # output folder: result.tsv, without_{task}_checkpoint.safetensors, heat map
-task_list = []  # sources and targets (default: the task folders that have a source checkpoint)
+targets = []  # targets (default: every source, leaving itself out, as the original)
+source_tasks = []  # sources (default: every source delta of source_ckpt_path)
+task_list = []  # only these sources and targets (the original's TASK_LIST)
 
 
 def main(argv=None):
@@ -51,20 +52,17 @@ def _run(a):
     fields = {"delta": a.delta}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
     tuned_dir = E.fill_path(a.tuned_ckpt_path, **fields)
-    tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = L.source_checkpoints(source_dir, tasks)
-    scores = S.euclidean_scores(checkpoints, tuned_dir, tasks, a.tuned_checkpoint, expect_method=a.delta)
+    pool = E.select_pool(source_dir, a.source_tasks, a.task_list)
+    targets = E.select_targets(a.targets, pool, a.task_list)
+    scores = S.euclidean_scores(pool, tuned_dir, targets, a.tuned_checkpoint, expect_method=a.delta)
     sim = E.write_score_file(save_dir, scores, _METRIC, sources=str(source_dir), tuned=str(tuned_dir),
                              tuned_checkpoint=a.tuned_checkpoint)
-    weights = W.loo_weights(scores, tasks, W.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
-    E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
+    weights = W.loo_weights(scores, pool, W.metric_sign(_METRIC), a.tem, targets=targets, where=str(sim))
+    E.write_ensemble(save_dir, weights, pool, method="softmax", expect_method=a.delta, scores=scores,
                      temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()),
                      tuned=f"{tuned_dir.resolve()}/{{target}}/{{source}}/checkpoint-{a.tuned_checkpoint}.safetensors")
-    print(f"{sim}: {len(weights)} targets x {len(tasks) - 1} sources, softmax(-distance/{a.tem:g})")
-    for target, w in weights.items():
-        print(E.summary_line(target, w))
-    print(f"wrote {save_dir}/without_{{task}}_checkpoint.safetensors, final_weight.txt, weights.csv, hot_pic_all.png")
-    print(f"tune from them: python tune_hps_singletask.py --do_train --train_checkpoint {save_dir} ...")
+    E.report_written(save_dir, weights, f"{sim}: {len(weights)} targets x {len(pool)} sources, "
+                                        f"softmax(-distance/{a.tem:g})")
 
 
 if __name__ == "__main__":

@@ -25,14 +25,15 @@ _METRIC = "Performance"  # pewe.scores: higher = closer
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every delta
 tem = 0.001  # softmax temperature (the paper: 0.001)
-origin_data_path = str(REPO / "data" / "fewshot")  # folder of task folders: their names are the targets
 source_ckpt_path = str(_RUNS / "sources")  # {task}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
 tuned_ckpt_path = str(_RUNS / "tune_all")  # {target}/{source}/result.json and checkpoints (tune_all_ckpt.py)
 zero_shot_path = str(_RUNS / "dev_all" / "result.tsv")  # zero-shot dev scores, similarity layout (dev_all_ckpt.py)
 tuned_checkpoint = "best"  # the short tuning's result: best (best dev score and its delta; the original) or last
 average = "tuned"  # average the tuned deltas (tuned; the original) or the source deltas (source)
 save_ckpt_path = str(_RUNS / "init" / "Performance")  # output folder: result.tsv, without_{task}_checkpoint.safetensors, heat map
-task_list = []  # sources and targets (default: the task folders that have a source checkpoint)
+targets = []  # targets (default: every source, leaving itself out, as the original)
+source_tasks = []  # sources (default: every source delta of source_ckpt_path)
+task_list = []  # only these sources and targets (the original's TASK_LIST)
 
 
 def main(argv=None):
@@ -57,27 +58,23 @@ def _run(a):
     fields = {"delta": a.delta}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
     tuned_dir, zero_path = E.fill_path(a.tuned_ckpt_path, **fields), E.fill_path(a.zero_shot_path, **fields)
-    tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = L.source_checkpoints(source_dir, tasks)
-    tuned = S.read_tuned_scores(tuned_dir, tasks, tasks, a.tuned_checkpoint)
-    scores = S.performance_scores(tuned, L.read_similarity(zero_path), tasks, tasks, where=str(zero_path))
+    pool = E.select_pool(source_dir, a.source_tasks, a.task_list)
+    targets = E.select_targets(a.targets, pool, a.task_list)
+    tuned = S.read_tuned_scores(tuned_dir, targets, pool, a.tuned_checkpoint)
+    scores = S.performance_scores(tuned, L.read_similarity(zero_path), targets, pool, where=str(zero_path))
     sim = E.write_score_file(save_dir, scores, _METRIC, tuned=str(tuned_dir), zero_shot=str(zero_path),
                              tuned_checkpoint=a.tuned_checkpoint)
-    weights = W.loo_weights(scores, tasks, W.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
+    weights = W.loo_weights(scores, pool, W.metric_sign(_METRIC), a.tem, targets=targets, where=str(sim))
     meta = dict(scores=scores, temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()), averaged=a.average)
     if a.average == "tuned":
         per_target = {t: {s: S.tuned_checkpoint(tuned_dir, t, s, a.tuned_checkpoint) for s in w}
                       for t, w in weights.items()}
-        E.write_ensemble(save_dir, weights, per_target, method="softmax", sources=tasks, expect_method=a.delta,
+        E.write_ensemble(save_dir, weights, per_target, method="softmax", sources=pool, expect_method=a.delta,
                          **meta)
     else:
-        E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, **meta)
-    print(f"{sim}: {len(weights)} targets x {len(tasks) - 1} sources, softmax(+gain/{a.tem:g}), "
-          f"averaging the {a.average} deltas")
-    for target, w in weights.items():
-        print(E.summary_line(target, w))
-    print(f"wrote {save_dir}/without_{{task}}_checkpoint.safetensors, final_weight.txt, weights.csv, hot_pic_all.png")
-    print(f"tune from them: python tune_hps_singletask.py --do_train --train_checkpoint {save_dir} ...")
+        E.write_ensemble(save_dir, weights, pool, method="softmax", expect_method=a.delta, **meta)
+    E.report_written(save_dir, weights, f"{sim}: {len(weights)} targets x {len(pool)} sources, softmax(+gain/{a.tem:g}), "
+                                        f"averaging the {a.average} deltas")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from pewe.model import REPO  # noqa: E402
 _RUNS = REPO / "runs" / "{delta}"  # where the scripts of this repo put their outputs ({delta} = the tunable below)
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every source delta
-origin_data_path = str(REPO / "data" / "fewshot")  # folder of task folders: their names are the targets
-source_ckpt_path = str(_RUNS / "sources")  # {task}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
+source_ckpt_path = str(_RUNS / "sources")  # {source}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
 save_ckpt_path = str(_RUNS / "init" / "{division}")  # output folder: without_{task}_checkpoint.safetensors, final_weight.txt, heat map
-task_list = []  # sources and targets (default: the groups' tasks, or the task folders with a source checkpoint)
+targets = []  # targets (default: every source, leaving itself out; or, with groups, every group member)
+task_list = []  # only these sources and targets (the original's TASK_LIST; default: every source delta found)
 groups = []  # manual division: groups ("a b c" or a+b+c); a target averages its group's other members
 
 
@@ -35,7 +35,6 @@ def main(argv=None):
 
 def _run(a):
     from pewe import ensemble as E
-    from pewe import layout as L
     from pewe import weights as W
 
     E.check_delta_name(a.delta)
@@ -43,18 +42,20 @@ def _run(a):
     division = "manual" if groups else "average"
     fields = {"delta": a.delta, "division": division}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
-    grouped = W.group_weights(groups) if groups else {}  # the groups themselves, checked before any file
-    tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list or list(grouped))
-    checkpoints = L.source_checkpoints(source_dir, tasks)
-    weights = W.group_weights(groups, tasks) if groups else W.average_weights(tasks)
-    E.write_ensemble(save_dir, weights, checkpoints, method=division, expect_method=a.delta,
-                     groups=groups or None)
+    members = [t for g in groups for t in g]
+    if groups:
+        W.group_weights(groups)  # the groups themselves (sizes, overlaps), checked before any file is read
+    # every group member must have a source delta, unless it is named as a target outside the pool
+    pool = E.select_pool(source_dir, [t for t in members if t not in a.targets], a.task_list)
+    targets = E.select_targets(a.targets, members or pool, a.task_list)
+    if groups:
+        weights = W.group_weights(groups, pool, targets)
+        weights = {t: weights[t] for t in targets if t in weights}
+    else:
+        weights = W.average_weights(pool, targets)
+    E.write_ensemble(save_dir, weights, pool, method=division, expect_method=a.delta, groups=groups or None)
     what = f"{len(groups)} groups" if groups else "all other sources"
-    print(f"{len(weights)} targets, plain average of {what} ({len(tasks)} sources)")
-    for target, w in weights.items():
-        print(f"  {target}: {', '.join(w)}")
-    print(f"wrote {save_dir}/without_{{task}}_checkpoint.safetensors, final_weight.txt, weights.csv, hot_pic_all.png")
-    print(f"tune from them: python tune_hps_singletask.py --do_train --train_checkpoint {save_dir} ...")
+    E.report_written(save_dir, weights, f"{len(weights)} targets, plain average of {what} ({len(pool)} sources)")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ _METRIC = "Cosine"  # pewe.scores: higher = closer
 
 delta = "adapter"  # adapter, lora or prefix: the kind of every delta
 tem = 0.001  # softmax temperature (the paper: 0.001)
-origin_data_path = str(REPO / "data" / "fewshot")  # folder of task folders: their names are the targets
 source_ckpt_path = str(_RUNS / "sources")  # {task}/checkpoint-best*.safetensors (a tune_hps_singletask.py output_dir)
 random_tuned_ckpt_path = str(_RUNS / "random")  # {task}/checkpoint-best*.safetensors: each target tuned from random init
 save_ckpt_path = str(_RUNS / "init" / "Cosine")  # output folder: result.tsv, without_{task}_checkpoint.safetensors, heat map
-task_list = []  # sources and targets (default: the task folders that have a source checkpoint)
+targets = []  # targets (default: every source, leaving itself out, as the original)
+source_tasks = []  # sources (default: every source delta of source_ckpt_path)
+task_list = []  # only these sources and targets (the original's TASK_LIST)
 
 
 def main(argv=None):
@@ -50,19 +51,15 @@ def _run(a):
     fields = {"delta": a.delta}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
     random_dir = E.fill_path(a.random_tuned_ckpt_path, **fields)
-    tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = L.source_checkpoints(source_dir, tasks)
-    tuned = L.source_checkpoints(random_dir, tasks)  # {target: its delta tuned from random init}
-    scores = S.cosine_scores(tuned, checkpoints, expect_method=a.delta)
+    pool = E.select_pool(source_dir, a.source_tasks, a.task_list)
+    targets = E.select_targets(a.targets, pool, a.task_list)
+    tuned = L.source_checkpoints(random_dir, targets)  # {target: its delta tuned from random init}
+    scores = S.cosine_scores(tuned, pool, expect_method=a.delta)
     sim = E.write_score_file(save_dir, scores, _METRIC, sources=str(source_dir), tuned=str(random_dir))
-    weights = W.loo_weights(scores, tasks, W.metric_sign(_METRIC), a.tem, targets=tasks, where=str(sim))
-    E.write_ensemble(save_dir, weights, checkpoints, method="softmax", expect_method=a.delta, scores=scores,
+    weights = W.loo_weights(scores, pool, W.metric_sign(_METRIC), a.tem, targets=targets, where=str(sim))
+    E.write_ensemble(save_dir, weights, pool, method="softmax", expect_method=a.delta, scores=scores,
                      temperature=a.tem, metric=_METRIC, similarity=str(sim.resolve()))
-    print(f"{sim}: {len(weights)} targets x {len(tasks)} sources, softmax(+cosine/{a.tem:g})")
-    for target, w in weights.items():
-        print(E.summary_line(target, w))
-    print(f"wrote {save_dir}/without_{{task}}_checkpoint.safetensors, final_weight.txt, weights.csv, hot_pic_all.png")
-    print(f"tune from them: python tune_hps_singletask.py --do_train --train_checkpoint {save_dir} ...")
+    E.report_written(save_dir, weights, f"{sim}: {len(weights)} targets x {len(pool)} sources, softmax(+cosine/{a.tem:g})")
 
 
 if __name__ == "__main__":

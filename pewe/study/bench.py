@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 from delta_modules import attach_delta, load_delta_state
-from pewe.data import first_prefix
+from pewe.data import first_prefix, has_split
 from pewe.layout import rebuild_result_tsv, run_name
 from pewe.study.plan import StudyPlan
 from pewe.trainer import TrainSettings
@@ -45,7 +45,7 @@ class Bench:
                              seed=seed, precision=self.precision, progress=p.progress)
 
     def tune(self, task_dir, out_dir, tasks, seed, train_iters, init=None, budgets=()) -> dict:
-        """Tune (skip / resume) and test every task; ``init``: a folder of without_{task}_checkpoint
+        """Tune (skip / resume) and test (where it has a test split) every task; ``init``: a folder of without_{task}_checkpoint
         files (None: the seed's random init). {task: result}."""
         p, model, out_dir = self.plan, self.model, Path(out_dir)
         state = self.random_init(seed)
@@ -54,8 +54,8 @@ class Bench:
         for task in tasks:
             prefix = first_prefix(task_dir, task)
             job = TuneJob(task, prefix, str(task_dir), out_dir / task / "runs" / run_name(prefix, p.learning_rate,
-                          p.batch_size), settings, p.text, p.model, train_checkpoint=init, step_budgets=tuple(budgets),
-                          overwrite=p.overwrite)
+                          p.batch_size), settings, p.text, p.model, do_predict=has_split(task_dir, task, prefix, "test"),
+                          train_checkpoint=init, step_budgets=tuple(budgets), overwrite=p.overwrite)
             results[task] = run_job(model, self.tokenizer, job, self.device, lambda: load_delta_state(model, state))
             keep_best(out_dir / task, [results[task]], [job.run_dir])
         if tasks:

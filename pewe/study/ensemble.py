@@ -75,7 +75,7 @@ def step_ensemble(bench, plan: StudyPlan, method):
 def read_init_weights(plan: StudyPlan, method, init) -> dict:
     """{target: {source: w}} from the sidecars of every initial delta written so far."""
     out = {}
-    for t in plan.tasks:
+    for t in plan.all_targets:
         side = plan.init_path(method, init, t).with_suffix(".json")
         if side.is_file():
             out[t] = read_json(side, "initial delta's sidecar")["weights"]

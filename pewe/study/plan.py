@@ -87,8 +87,9 @@ class StudyPlan:
     steps: tuple
     methods: tuple
     deltas: dict  # {method: DeltaConfig}
-    tasks: tuple  # every study task: a source, and (leaving itself out) a target
-    targets: tuple  # the targets of this process (--targets, --shard)
+    tasks: tuple  # the pool of source tasks (each also a target, leaving itself out, unless --targets says otherwise)
+    all_targets: tuple  # every target of the study (--targets, default the pool): rows of the report
+    targets: tuple  # the targets of this process (all_targets, --shard)
     source_tasks: tuple  # the sources this process tunes (--source_shard)
     seeds: tuple
     budgets: tuple  # update counts at which the targets' dev score is also recorded
@@ -185,16 +186,16 @@ def make_plan(a) -> StudyPlan:
     tasks = check_task_names(a.tasks, "--tasks: task")
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
         raise StudyError(f"--tasks: need at least two distinct tasks, got {tasks}")
-    for label, d in (("target_task_dir", a.target_task_dir), ("source_task_dir", a.source_task_dir)):
-        if label == "source_task_dir" and resolve_source_dir(a, methods, tasks):
-            continue  # sources are reused, their data is not read
-        missing = [t for t in tasks if t not in list_tasks(d)]
+    targets = check_task_names(a.targets, "--targets: task") or list(tasks)
+    if len(set(targets)) != len(targets):
+        raise StudyError(f"--targets: a target is named twice: {targets}")
+    need = [("target_task_dir", a.target_task_dir, targets)]  # a target outside the pool needs only its own folder
+    if not resolve_source_dir(a, methods, tasks):  # sources tuned here: their full splits are read
+        need.append(("source_task_dir", a.source_task_dir, tasks))
+    for label, d, names in need:
+        missing = [t for t in names if t not in list_tasks(d)]
         if missing:
             raise StudyError(f"--{label} {d}: no task folder(s) {', '.join(missing)}")
-    targets = [str(t) for t in a.targets] or tasks
-    strangers = [t for t in targets if t not in tasks]
-    if strangers:
-        raise StudyError(f"--targets: {', '.join(strangers)} not among --tasks")
     scores = list(dict.fromkeys(a.scores))
     bad = [s for s in scores if s not in STUDY_SCORES]
     if bad:
@@ -222,7 +223,7 @@ def make_plan(a) -> StudyPlan:
               else {**BUNDLED_GROUPS, **QA_groups})
     return StudyPlan(
         out=Path(a.output_dir), steps=tuple(steps), methods=tuple(methods),
-        deltas={m: delta_config_of(m, a) for m in methods}, tasks=tuple(tasks),
+        deltas={m: delta_config_of(m, a) for m in methods}, tasks=tuple(tasks), all_targets=tuple(targets),
         targets=tuple(shard_of(targets, a.shard)), source_tasks=tuple(shard_of(tasks, a.source_shard, "--source_shard")),
         seeds=tuple(seeds), budgets=tuple(budgets), scores=tuple(scores), baselines=tuple(inits),
         groups=groups_for(tasks, groups), temperatures=parse_temperatures(a.temperatures), per_token=a.per_token,

@@ -54,7 +54,7 @@ def collect(p: StudyPlan) -> list:
     for method in p.methods:
         for init in p.all_inits:
             for seed in p.seeds:
-                for target in p.tasks:
+                for target in p.all_targets:
                     done = (p.tuned_dir(method, init, seed) / target / "runs"
                             / run_name(first_prefix(p.target_task_dir, target), p.learning_rate, p.batch_size)
                             / "result.json")
@@ -132,10 +132,10 @@ def score_table(rows, p, method, budget, split, majority) -> list:
     header = ["init", *[f"{m['task']} †" if m["flagged"] else m["task"] for m in majority], "mean"]
     body = []
     for init in p.all_inits:
-        cells = {t: table.get((init, t), {}) for t in p.tasks}
-        per_seed, complete = row_mean(cells, p.tasks, p.seeds)
+        cells = {t: table.get((init, t), {}) for t in p.all_targets}
+        per_seed, complete = row_mean(cells, p.all_targets, p.seeds)
         mean = fmt_cell(per_seed) + ("" if complete or not per_seed else " *")
-        body.append([init, *[fmt_cell(cells[t].values()) for t in p.tasks], mean])
+        body.append([init, *[fmt_cell(cells[t].values()) for t in p.all_targets], mean])
     if split == "test":
         scores = [m["score"] for m in majority]
         body.append(["*majority answer*", *[fmt_cell([x]) for x in scores], fmt_cell([statistics.fmean(scores)])])
@@ -144,8 +144,8 @@ def score_table(rows, p, method, budget, split, majority) -> list:
 
 def gain_text(rows, p, method, init) -> str:
     """Mean ± std over seeds of the mean test gain over random init (* = not every target)."""
-    partial = not all(p.covers(init, t) for t in p.tasks)
-    return f"{init} {fmt_cell(gains(rows, method, init, p.seeds, p.tasks))}" + (" *" if partial else "")
+    partial = not all(p.covers(init, t) for t in p.all_targets)
+    return f"{init} {fmt_cell(gains(rows, method, init, p.seeds, p.all_targets))}" + (" *" if partial else "")
 
 
 def init_temperature(p: StudyPlan, init) -> str:
@@ -170,7 +170,7 @@ def weights_lines(p: StudyPlan, method) -> list:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(heat, dest)
             link = f"![{method} {init}](heatmaps/{dest.name})"
-        body.append([init, temp, f"{eff:.2f}", f"{len(weights)}/{len(p.tasks)}", link])
+        body.append([init, temp, f"{eff:.2f}", f"{len(weights)}/{len(p.all_targets)}", link])
     if not body:
         return []
     return md_table(["init", "T", "effective sources", "targets", "heat map"], body)
@@ -186,7 +186,7 @@ def plot_gain(path, rows, p):
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(p.methods))
     for k, method in enumerate(p.methods):
-        stats = [mean_std(gains(rows, method, i, p.seeds, p.tasks)) for i in inits]
+        stats = [mean_std(gains(rows, method, i, p.seeds, p.all_targets)) for i in inits]
         means = [100 * m if m is not None else np.nan for m, _ in stats]
         errs = [100 * s if s is not None else 0.0 for _, s in stats]
         x = np.arange(len(inits)) + (k - (len(p.methods) - 1) / 2) * width
@@ -194,7 +194,7 @@ def plot_gain(path, rows, p):
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(inits)), labels=inits, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test gain over random init (points)")
-    ax.set_title(f"mean over {len(p.tasks)} targets, ± std over {len(p.seeds)} seeds", fontsize=9)
+    ax.set_title(f"mean over {len(p.all_targets)} targets, ± std over {len(p.seeds)} seeds", fontsize=9)
     ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -215,7 +215,7 @@ def refresh_summaries(p: StudyPlan, precision):
     weights and heat maps, each tuned folder's result.tsv): shards running at once may each have
     written them before the others had finished."""
     for method in p.methods:
-        if any(p.part_path(method, t).is_file() for t in p.tasks):
+        if any(p.part_path(method, t).is_file() for t in p.all_targets):
             write_similarity_files(p, method, p.score_options(precision))
         for init in p.init_names:
             write_init_summary(p, method, init)
@@ -225,17 +225,18 @@ def refresh_summaries(p: StudyPlan, precision):
 
 def step_report(p: StudyPlan) -> Path:
     """report.md, report.csv, gain.png and heatmaps/ from the files alone (any process, any time)."""
-    majority = [majority_baseline(p.target_task_dir, t) for t in p.tasks]
+    majority = [majority_baseline(p.target_task_dir, t) for t in p.all_targets]
     for m in majority:
         print(f"majority baseline {m['task']}: always {m['answer']!r} ({100 * m['share']:.0f} % of test) scores "
               f"{100 * m['score']:.2f} {m['metric']}" + ("  <- dominated by one answer" if m["flagged"] else ""))
     rows = collect(p)
     write_csv(p.out / "report.csv", rows)
     runs = len({r[:4] for r in rows})
-    planned = len(p.methods) * len(p.seeds) * sum(p.covers(i, t) for i in p.all_inits for t in p.tasks)
+    planned = len(p.methods) * len(p.seeds) * sum(p.covers(i, t) for i in p.all_inits for t in p.all_targets)
     lines = ["# Leave-one-out transfer study", "",
-             f"Backbone `{Path(p.model).name}`; {len(p.tasks)} tasks, each a source (tuned on its full "
-             f"split) and a target (tuned on its few-shot split with the others as sources); seeds "
+             f"Backbone `{Path(p.model).name}`; {len(p.tasks)} source tasks (tuned on their full splits) and "
+             f"{len(p.all_targets)} targets (tuned on their few-shot splits; a target in the pool leaves its own "
+             f"source out); seeds "
              f"{', '.join(map(str, p.seeds))}; lr {p.learning_rate:g}, batch {p.batch_size}, validation every "
              f"{p.valid_interval} updates, early stop after {p.early_stop}, at most {p.target_train_iters} updates.",
              f"Cells: mean ± sample std over seeds of the score × 100; mean column: per seed the mean over "
@@ -248,7 +249,7 @@ def step_report(p: StudyPlan) -> Path:
                       [[m["task"], m["metric"], f"`{m['answer']}`", f"{100 * m['share']:.0f} %",
                         f"{100 * m['score']:.2f}", "† yes" if m["flagged"] else "no"] for m in majority])
     lines.append("")
-    if any(len(gains(rows, m, i, p.seeds, p.tasks)) for m in p.methods for i in p.init_names):
+    if any(len(gains(rows, m, i, p.seeds, p.all_targets)) for m in p.methods for i in p.init_names):
         plot_gain(p.out / "gain.png", rows, p)
         lines += ["![gain over random init](gain.png)", ""]
     for method in p.methods:
@@ -266,7 +267,7 @@ def step_report(p: StudyPlan) -> Path:
             lines += table + [""]
     if "manual" in p.init_names:
         groups = "; ".join(f"{g}: {' '.join(m)}" for g, m in p.groups.items()) or "none"
-        alone = [t for t in p.tasks if not p.covers("manual", t)]
+        alone = [t for t in p.all_targets if not p.covers("manual", t)]
         lines += [f"Manual groups (restricted to the study tasks): {groups}."
                   + (f" No manual initialisation for {', '.join(alone)} (alone in their group)." if alone else ""), ""]
     report = p.out / "report.md"

@@ -130,7 +130,7 @@ def read_part(plan: StudyPlan, method, target) -> dict:
 
 def write_similarity_files(plan: StudyPlan, method, options):
     """{method}/similarity/{score}/result.tsv (+ scores.json) over every target scored so far."""
-    parts = {t: read_part(plan, method, t) for t in plan.tasks if plan.part_path(method, t).is_file()}
+    parts = {t: read_part(plan, method, t) for t in plan.all_targets if plan.part_path(method, t).is_file()}
     for score in plan.scores:
         table = {t: part["scores"][score] for t, part in parts.items() if score in part["scores"]}
         if not table:
