@@ -50,3 +50,9 @@ UPSTREAM_TASKS = ["babi-qa11", "babi-qa12", "babi-qa13"]
 
 # The bundled tasks a transfer study on the embedded backbone uses (targets and sources).
 STUDY_TASKS = [t for t in BUNDLED_TASKS if t not in UPSTREAM_TASKS]
+
+# The planted positive control (scripts/build_planted.py): each variant rewrites a bundled bAbI task's
+# surface (names, verbs, question wording) and keeps its skill and its answers; its sibling, the
+# original task, is in the pool of sources. A variant is only ever a target, never a source.
+PLANTED = {f"planted-{task}": task for task in ["babi-qa1", "babi-qa2", "babi-qa8", "babi-qa16", "babi-qa18",
+                                                 "babi-qa20"]}

@@ -25,6 +25,7 @@ METRICS = {
     # bundled tasks that CrossFit does not list
     "csqa2": "ACC", "piqa": "ACC", "gsm8k": "EM",
     **{f"babi-qa{i}": "EM" for i in range(1, 21)},
+    **{f"planted-babi-qa{i}": "EM" for i in range(1, 21)},  # the planted control's variants (task_list.PLANTED)
 }
 DEFAULT_METRIC = "EM"
 METRIC_NAMES = ("ACC", "EM", "QA-F1", "Rouge-L", "Classification-F1")
