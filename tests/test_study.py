@@ -240,3 +240,44 @@ def test_bad_options_fail_cleanly(tiny_tasks, tmp_path, capsys, extra, msg):
             "--output_dir", str(tmp_path), "--steps", "report", "--quiet", *extra]
     assert run_study.main(argv) == 1
     assert msg in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the answer, planted apart
+
+def test_the_answer_section_on_planted_and_real_targets(tiny_backbone, tiny_tasks, tmp_path):
+    """A planted variant of a pool task beside a real target: the report's paired gains, intervals,
+    W/T/L and sibling weights equal what the runs' files give, computed here by hand."""
+    from pewe.data import read_tsv
+    from pewe.stats import bootstrap_interval
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(tiny_tasks, tasks)
+    src = Path(__file__).resolve().parent.parent / "data" / "fewshot" / "planted-babi-qa1"
+    rows = {s: [(e.input, *e.answers) for e in read_tsv(src / f"planted-babi-qa1_64_42_{s}.tsv")]
+            for s in ("train", "dev", "test")}
+    write_task(tasks, "planted-babi-qa1", rows["train"][:16], rows["dev"][:8], rows["test"][:8])
+    out = tmp_path / "study"
+    run(*args(tiny_backbone, tasks, out, "--targets", "planted-babi-qa1", "babi-qa6", "csqa2", "--scores", "Loss",
+              "--inits", "average", "--step_budgets", "0"))
+    text = (out / "report.md").read_text()
+    assert text.index("## The answer") < text.index("## Majority-answer baseline")
+    found = results(out)
+    for group, targets in (("planted", ["planted-babi-qa1"]), ("real", ["babi-qa6", "csqa2"])):
+        diffs = {t: [found["Loss", t, s]["test_score"] - found["random", t, s]["test_score"] for s in SEEDS]
+                 for t in targets}
+        mean = statistics.fmean(statistics.fmean(d) for d in diffs.values())
+        low, high = bootstrap_interval([statistics.fmean(d) for d in diffs.values()])
+        wins = sum(x > 1e-9 for d in diffs.values() for x in d)
+        losses = sum(x < -1e-9 for d in diffs.values() for x in d)
+        row = next(ln for ln in text.splitlines() if ln.startswith("| Loss |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        at = 1 if group == "planted" else 4  # columns: init, then per group: over random, W/T/L, over average
+        assert cells[at] == f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+        assert cells[at + 1] == f"{wins}/{2 * len(targets) - wins - losses}/{losses}"
+    weights = json.loads((out / "adapter" / "init" / "Loss" / "without_planted-babi-qa1_checkpoint.json").read_text())
+    assert f"Loss {weights['weights']['babi-qa1']:.3f}" in text  # the mean weight on the sibling
+    assert "planted targets: beats random init with the interval above zero:" in text
+    from PIL import Image
+
+    width, height = Image.open(out / "gain.png").size
+    assert width == 1200 and 300 < height < 1000  # readable at a page's width

@@ -20,15 +20,12 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from pewe.atomic import atomic_write_bytes, atomic_write_text
+from pewe.atomic import atomic_write_text
 from pewe.data import first_prefix, read_tsv, split_path
 from pewe.layout import read_json, rebuild_result_tsv, run_name
 from pewe.metrics import evaluate, majority_answer, metric_for
 from pewe.scores import score_spec, temperature_text
+from pewe.study.answer import answer_lines, md_table, plot_gain
 from pewe.study.ensemble import read_init_weights, write_init_summary
 from pewe.study.plan import StudyPlan
 from pewe.study.similarity import write_similarity_files
@@ -106,24 +103,7 @@ def row_mean(cells: dict, targets, seeds):
     return per_seed, complete
 
 
-def gains(rows, method, init, seeds, targets):
-    """Per seed: the mean over targets of (test score from ``init`` - test score from random)."""
-    table = select(rows, method, EARLY, "test")
-    out = []
-    for s in seeds:
-        diffs = [table[(init, t)][s] - table[("random", t)][s] for t in targets
-                 if s in table.get((init, t), {}) and s in table.get(("random", t), {})]
-        if diffs:
-            out.append(statistics.fmean(diffs))
-    return out
-
-
 # --------------------------------------------------------------------------- report: files
-
-def md_table(header, body) -> list:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in body]
-
 
 def score_table(rows, p, method, budget, split, majority) -> list:
     """Rows: initialisations; columns: targets (dominated ones marked †) and the mean. The test
@@ -140,12 +120,6 @@ def score_table(rows, p, method, budget, split, majority) -> list:
         scores = [m["score"] for m in majority]
         body.append(["*majority answer*", *[fmt_cell([x]) for x in scores], fmt_cell([statistics.fmean(scores)])])
     return md_table(header, body)
-
-
-def gain_text(rows, p, method, init) -> str:
-    """Mean ± std over seeds of the mean test gain over random init (* = not every target)."""
-    partial = not all(p.covers(init, t) for t in p.all_targets)
-    return f"{init} {fmt_cell(gains(rows, method, init, p.seeds, p.all_targets))}" + (" *" if partial else "")
 
 
 def init_temperature(p: StudyPlan, init) -> str:
@@ -174,31 +148,6 @@ def weights_lines(p: StudyPlan, method) -> list:
     if not body:
         return []
     return md_table(["init", "T", "effective sources", "targets", "heat map"], body)
-
-
-def plot_gain(path, rows, p):
-    """Grouped bars: per initialisation (x) and method (colour) the mean gain over random init in
-    test points, error bars = std over seeds."""
-    inits = p.init_names
-    fig = Figure(figsize=(max(4.0, 1.1 * len(inits) * max(1, len(p.methods)) + 1.5), 3.6), dpi=120,
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(p.methods))
-    for k, method in enumerate(p.methods):
-        stats = [mean_std(gains(rows, method, i, p.seeds, p.all_targets)) for i in inits]
-        means = [100 * m if m is not None else np.nan for m, _ in stats]
-        errs = [100 * s if s is not None else 0.0 for _, s in stats]
-        x = np.arange(len(inits)) + (k - (len(p.methods) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=errs, capsize=3, label=method)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(inits)), labels=inits, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("test gain over random init (points)")
-    ax.set_title(f"mean over {len(p.all_targets)} targets, ± std over {len(p.seeds)} seeds", fontsize=9)
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_csv(path, rows):
@@ -249,14 +198,13 @@ def step_report(p: StudyPlan) -> Path:
                       [[m["task"], m["metric"], f"`{m['answer']}`", f"{100 * m['share']:.0f} %",
                         f"{100 * m['score']:.2f}", "† yes" if m["flagged"] else "no"] for m in majority])
     lines.append("")
-    if any(len(gains(rows, m, i, p.seeds, p.all_targets)) for m in p.methods for i in p.init_names):
-        plot_gain(p.out / "gain.png", rows, p)
-        lines += ["![gain over random init](gain.png)", ""]
+    tables = {method: select(rows, method, EARLY, "test") for method in p.methods}
+    if any(table for table in tables.values()):
+        plot_gain(p.out / "gain.png", p, tables)
+        lines[2:2] = [*answer_lines(p, tables, read_init_weights), "![gain over random init](gain.png)", ""]
     for method in p.methods:
         lines += [f"## {method}", "", "### Test score after early stopping", ""]
-        lines += score_table(rows, p, method, EARLY, "test", majority)
-        lines += ["", "Gain over random init (test points, mean ± std over seeds; * = over the targets it "
-                  "covers): " + ", ".join(gain_text(rows, p, method, i) for i in p.init_names), ""]
+        lines += score_table(rows, p, method, EARLY, "test", majority) + [""]
         for b in p.budgets:
             lines += [f"### Dev score after {b} updates", ""]
             lines += score_table(rows, p, method, str(b), "dev", majority) + [""]
