@@ -35,6 +35,7 @@ early_stop = 4  # stop after this many validations without gain (1,000 updates, 
 learning_rate = 5e-4  # Adafactor learning rate (the study's)
 batch_size = 8  # batch size (the study's)
 seed = 42  # seed of the source deltas (the study's source_seed)
+max_input_length = 256  # input tokens kept (the backbone was pretrained on 128; bAbI keeps the question, cut from the left)
 device = "auto"  # auto, cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
 progress = True  # progress bars
@@ -63,6 +64,7 @@ def _run(a):
                                "--source_train_iters", str(a.train_iters), "--valid_interval", str(a.valid_interval),
                                "--early_stop", str(a.early_stop), "--learning_rate", str(a.learning_rate),
                                "--batch_size", str(a.batch_size), "--source_seed", str(a.seed), "--device", a.device,
+                               "--max_input_length", str(a.max_input_length),
                                "--precision", a.precision, f"--progress={a.progress}", "--quiet"])
         if code:
             raise SystemExit(code)
