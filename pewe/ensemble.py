@@ -15,7 +15,7 @@ from pathlib import Path
 from delta_modules import METHODS, DeltaError
 from pewe.averaging import write_averages
 from pewe.data import DataError, list_tasks
-from pewe.layout import SOURCE_PATTERN, source_checkpoints, write_similarity
+from pewe.layout import SOURCE_PATTERN, has_source_delta, source_checkpoints, write_similarity
 from pewe.scores import score_spec
 from pewe.weight_reports import weights_title, write_weight_reports
 from pewe.weights import EnsembleError
@@ -39,7 +39,7 @@ def fill_path(template, **fields) -> Path:
 
 def find_tasks(origin_data_path, source_ckpt_path, task_list=()) -> list:
     """``task_list`` (each must be a task folder of ``origin_data_path``), or else every task folder
-    of ``origin_data_path`` that has a source checkpoint."""
+    of ``origin_data_path`` that has a source checkpoint (ours or a peft adapter folder)."""
     folders = list_tasks(origin_data_path)
     if task_list:
         tasks = [str(t) for t in task_list]
@@ -49,9 +49,9 @@ def find_tasks(origin_data_path, source_ckpt_path, task_list=()) -> list:
         if len(set(tasks)) != len(tasks):
             raise EnsembleError(f"task_list names a task twice: {tasks}")
         return tasks
-    tasks = [t for t in folders if any((Path(source_ckpt_path) / t).glob(SOURCE_PATTERN))]
+    tasks = [t for t in folders if has_source_delta(Path(source_ckpt_path) / t)]
     if len(tasks) < 2:
-        raise DeltaError(f"{source_ckpt_path}: found source checkpoints ({{task}}/{SOURCE_PATTERN}) "
+        raise DeltaError(f"{source_ckpt_path}: found source checkpoints ({{task}}/{SOURCE_PATTERN} or peft folders) "
                          f"for {len(tasks)} of the {len(folders)} tasks of {origin_data_path}; need at least 2")
     return tasks
 
