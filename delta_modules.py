@@ -644,7 +644,9 @@ def read_peft(folder, allow_bin=None):
         if len(set(values.values())) > 1:
             raise DeltaError(f"{cfg_path}: {field} {cfg.get(field)!r} gives the layers different values "
                              f"({sorted(set(values.values()))}); this project's LoRA has one rank and one alpha")
-    use_rslora = cfg.get("use_rslora", False)
+    use_rslora = cfg.get("use_rslora") or False
+    if not isinstance(use_rslora, bool):
+        raise DeltaError(f"{cfg_path}: use_rslora must be true or false, not {use_rslora!r}")
     try:
         config = DeltaConfig("lora", lora_r=next(iter(ranks.values())), lora_alpha=next(iter(alphas.values())),
                              lora_targets=sorted({s.rsplit(".", 1)[1] for s in factors}), lora_rslora=use_rslora)

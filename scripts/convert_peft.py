@@ -76,6 +76,7 @@ def _run(a):
     import delta_modules as dm
     from pewe.errors import UserError
 
+    allow = True if a.allow_bin else None  # None: read_delta asks PEWE_ALLOW_PEFT_BIN
     if bool(a.from_peft) == bool(a.to_peft):
         raise UserError("give --from_peft DIR --to FILE.safetensors, or --to_peft FILE_OR_DIR --out DIR (one of them)")
     if a.from_peft:
@@ -85,7 +86,7 @@ def _run(a):
         if dm.is_peft_folder(src):
             if dst.suffix != ".safetensors":
                 raise UserError(f"--to {dst}: a delta file must end in .safetensors")
-            print(f"wrote {dst}: {describe(peft_to_ours(src, dst, a.allow_bin))}")
+            print(f"wrote {dst}: {describe(peft_to_ours(src, dst, allow))}")
             return
         if not src.is_dir():
             raise UserError(f"--from_peft {src}: no such folder")
@@ -95,21 +96,25 @@ def _run(a):
                             f"({{name}}/{dm.PEFT_CONFIG})")
         if dst.suffix == ".safetensors":
             raise UserError(f"--to {dst}: {src} holds {len(modules)} adapters; give a folder")
+        pickled = [d for d in modules if dm.peft_weights_path(d) and dm.peft_weights_path(d).name == dm.PEFT_PICKLE]
+        if pickled and allow is None and os.environ.get(dm.PEFT_BIN_ENV) != "1":  # refused before any is written
+            raise UserError(f"{pickled[0]}: {len(pickled)} of the {len(modules)} adapters hold only {dm.PEFT_PICKLE}, "
+                            f"{dm.PICKLE_REASON}; give --allow_bin to read them")
         for d in tqdm(modules, desc="peft -> ours", unit="adapter", disable=not a.progress, dynamic_ncols=True):
-            config = peft_to_ours(d, dst / d.name / "checkpoint-best.safetensors", a.allow_bin)
+            config = peft_to_ours(d, dst / d.name / "checkpoint-best.safetensors", allow)
         print(f"wrote {len(modules)} source deltas to {dst}/{{name}}/checkpoint-best.safetensors (last: {describe(config)})")
         return
     src = Path(a.to_peft)
     if not a.out:
         raise UserError("--to_peft needs --out (the peft folder to write)")
     if src.is_file() or dm.is_peft_folder(src):
-        print(f"wrote {a.out}: {describe(ours_to_peft(src, Path(a.out), a.base_model, a.allow_bin))}")
+        print(f"wrote {a.out}: {describe(ours_to_peft(src, Path(a.out), a.base_model, allow))}")
         return
     if not src.is_dir():
         raise UserError(f"--to_peft {src}: no such delta file or folder")
     found = deltas_to_export(src)
     for task, path in tqdm(found.items(), desc="ours -> peft", unit="delta", disable=not a.progress, dynamic_ncols=True):
-        config = ours_to_peft(path, Path(a.out) / task, a.base_model, a.allow_bin)
+        config = ours_to_peft(path, Path(a.out) / task, a.base_model, allow)
     print(f"wrote {len(found)} peft folders to {a.out}/{{task}}/ (last: {describe(config)})")
 
 
