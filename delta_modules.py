@@ -40,7 +40,7 @@ from transformers.models.t5.modeling_t5 import eager_attention_forward
 METHODS = ("adapter", "lora", "prefix")
 SHAPE_FIELDS = {"adapter": ("adapter_type", "adapter_size"),
                 "lora": ("lora_r", "lora_alpha", "lora_targets", "lora_rslora"),
-                "prefix": ("prefix_num", "prefix_r")}  # the config fields each method's tensors (or their meaning) depend on
+                "prefix": ("prefix_num", "prefix_r")}  # what each method's tensors (and their meaning) depend on
 # Fields added after checkpoints and run records were first written without them: they are recorded
 # (in fields() and the sidecar) only when they differ from these defaults, so what a default delta
 # records is what it recorded before they existed, and older records still compare equal.
@@ -399,7 +399,8 @@ def read_delta(path, allow_bin=None):
     path = Path(path)
     if path.is_dir():
         if not (path / PEFT_CONFIG).is_file():
-            raise DeltaError(f"{path}: a folder, but not a peft adapter folder (no {PEFT_CONFIG}) nor a delta checkpoint")
+            raise DeltaError(f"{path}: a folder, but neither a delta checkpoint nor a peft adapter folder "
+                             f"(no {PEFT_CONFIG})")
         return read_peft(path, allow_bin)
     if not path.is_file():
         raise DeltaError(f"{path}: no such delta checkpoint")
@@ -500,7 +501,8 @@ _PEFT_REFUSED = {
     "use_qalora": "QA-LoRA pools its input",
     "enable_lora": "LoRA on parts of a merged projection",
     "megatron_config": "Megatron parallel layers",
-    **{k: "a LoRA variant" for k in ("velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")},
+    **{k: "a LoRA variant" for k in ("velora_config", "monteclora_config", "use_bdlora", "arrow_config",
+                                     "kasa_config")},
 }
 # initialisations after which the saved A, B are all there is; the others (pissa, olora, corda,
 # loftq, lora_ga) change the base model's weights, which the adapter folder does not hold
@@ -622,7 +624,8 @@ def read_peft(folder, allow_bin=None):
     for key, value in _peft_tensors(weights, allow_bin).items():
         m = _PEFT_KEY.fullmatch(key)
         if m is None:
-            what = "DoRA's magnitude (use_dora)" if "lora_magnitude_vector" in key else "not a lora_A / lora_B weight of a T5 Linear"
+            what = ("DoRA's magnitude (use_dora)" if "lora_magnitude_vector" in key
+                    else "not a lora_A / lora_B weight of a T5 Linear")
             raise DeltaError(f"{weights}: tensor {key}: {what}; only plain LoRAs of a T5 are read")
         factors.setdefault(m.group(1), {})[m.group(2)] = value
     if not factors:

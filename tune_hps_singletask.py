@@ -20,7 +20,7 @@ model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
 do_train = False  # train a delta on each task's train split, validating on dev
 do_predict = False  # predict the test split with the best (or --test_checkpoint) delta
-train_checkpoint = ""  # initialise from DIR/without_{task}_checkpoint.safetensors (or one file; "" = random)
+train_checkpoint = ""  # initialise from DIR/without_{task}_checkpoint.safetensors (or one file or peft folder; "" = random)
 test_checkpoint = ""  # evaluate this delta (a file, or a folder with {task}/checkpoint-best*; "" = the run's best)
 tune_method = "adapter"  # adapter, lora or prefix
 apply_adapter = False  # the original's flag for tune_method adapter

@@ -170,7 +170,8 @@ def source_checkpoints(root, names=()) -> dict:
     the path is that folder), sorted by name."""
     root = Path(root)
     if not root.is_dir():
-        raise DeltaError(f"{root}: no such folder of source deltas ({{task}}/{SOURCE_PATTERN} or {{task}}/{PEFT_CONFIG})")
+        raise DeltaError(f"{root}: no such folder of source deltas "
+                         f"({{task}}/{SOURCE_PATTERN} or {{task}}/{PEFT_CONFIG})")
     if names:
         return {str(n): find_checkpoint(root / str(n)) for n in names}
     found = {d.name: find_checkpoint(d) for d in sorted(root.iterdir()) if has_source_delta(d)}

@@ -22,11 +22,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: run from anywhere
 
 from_peft = ""  # a peft LoRA folder of a T5, or a folder of them (a collection: {name}/adapter_config.json)
-to = ""  # with --from_peft: the delta file written (FILE.safetensors); for a collection, a folder of {name}/checkpoint-best.safetensors
-to_peft = ""  # a LoRA delta: a .safetensors file, a folder of {task}/checkpoint-best*, or of without_{task}_checkpoint.safetensors
+to = ""  # with --from_peft: the delta file written (.safetensors); for a collection, a folder for {name}/checkpoint-best
+to_peft = ""  # a LoRA delta (.safetensors), a folder of {task}/checkpoint-best*, or of without_{task}_checkpoint*
 out = ""  # with --to_peft: the peft folder written; for a folder of deltas, out/{task}/ for each
-base_model = ""  # with --to_peft: base_model_name_or_path written in adapter_config.json ("" = the base_model the delta records)
-allow_bin = False  # read adapter_model.bin too: a pickle; read with torch.load(weights_only=True), which refuses code but is still a pickle format
+base_model = ""  # with --to_peft: the base_model_name_or_path written ("" = the base_model the delta records)
+allow_bin = False  # read adapter_model.bin: a pickle; read with torch.load(weights_only=True), which refuses code but is still a pickle format
 progress = True  # a progress bar over the deltas of a folder
 
 
@@ -60,7 +60,8 @@ def describe(config) -> str:
 
 
 def deltas_to_export(folder: Path) -> dict:
-    """{task: delta} of a folder: its averaged deltas (without_{task}_checkpoint.safetensors), or else its source deltas."""
+    """{task: delta} of a folder: its averaged deltas (without_{task}_checkpoint.safetensors), or else
+    its source deltas ({task}/checkpoint-best*)."""
     from pewe import layout as L
 
     averaged = sorted(folder.glob(L.INIT_PATTERN.format(task="*")))
@@ -102,7 +103,8 @@ def _run(a):
                             f"{dm.PICKLE_REASON}; give --allow_bin to read them")
         for d in tqdm(modules, desc="peft -> ours", unit="adapter", disable=not a.progress, dynamic_ncols=True):
             config = peft_to_ours(d, dst / d.name / "checkpoint-best.safetensors", allow)
-        print(f"wrote {len(modules)} source deltas to {dst}/{{name}}/checkpoint-best.safetensors (last: {describe(config)})")
+        print(f"wrote {len(modules)} source deltas to {dst}/{{name}}/checkpoint-best.safetensors "
+              f"(last: {describe(config)})")
         return
     src = Path(a.to_peft)
     if not a.out:
@@ -113,7 +115,8 @@ def _run(a):
     if not src.is_dir():
         raise UserError(f"--to_peft {src}: no such delta file or folder")
     found = deltas_to_export(src)
-    for task, path in tqdm(found.items(), desc="ours -> peft", unit="delta", disable=not a.progress, dynamic_ncols=True):
+    bar = tqdm(found.items(), desc="ours -> peft", unit="delta", disable=not a.progress, dynamic_ncols=True)
+    for task, path in bar:
         config = ours_to_peft(path, Path(a.out) / task, a.base_model, allow)
     print(f"wrote {len(found)} peft folders to {a.out}/{{task}}/ (last: {describe(config)})")
 

@@ -127,7 +127,8 @@ def test_rslora_and_wider_targets_round_trip(tmp_path, name):
     theirs = trained_peft(tmp_path / "in", model_config, **lora)
     _, config, _ = dm.read_delta(tmp_path / "in")
     assert config.lora_rslora == lora.get("use_rslora", False)
-    assert config.lora_scale == pytest.approx(lora["lora_alpha"] / (lora["r"] ** 0.5 if config.lora_rslora else lora["r"]))
+    divisor = lora["r"] ** 0.5 if config.lora_rslora else lora["r"]
+    assert config.lora_scale == pytest.approx(lora["lora_alpha"] / divisor)
     want = {n.rsplit(".", 1)[1] for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")}
     assert set(config.lora_targets) == want
     ours = ours_from(tmp_path / "in", model_config)
@@ -427,6 +428,11 @@ def test_similarity_of_peft_sources_equals_that_of_their_conversion(tiny_backbon
         tables.append(L.read_similarity(tmp_path / name / "result.tsv"))
     assert tables[0] == tables[1] and list(tables[0]) == list(TINY_TASKS)
     assert len({s for row in tables[0].values() for s in row.values()}) > 1  # the sources differ
+    # and the converted collection back to peft folders: the very tensors peft saved
+    assert run_convert("--to_peft", tmp_path / "converted", "--out", tmp_path / "again") == 0
+    for task in TINY_TASKS:
+        before, after = peft_tensors(peft_sources / task), peft_tensors(tmp_path / "again" / task)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_study_with_a_folder_of_peft_sources(tiny_backbone, tiny_tasks, peft_sources, tmp_path, capsys):
