@@ -151,7 +151,7 @@ def find_checkpoint(path, pattern=SOURCE_PATTERN) -> Path:
             raise DeltaError(f"{path}: holds both a peft adapter ({PEFT_CONFIG}) and {hits[0].name}; keep one")
         return path
     if not hits:
-        raise DeltaError(f"{path}: no delta checkpoint matching {pattern} (nor a peft adapter folder)")
+        raise DeltaError(f"{path}: no delta checkpoint matching {pattern}")
     if len(hits) > 1:
         raise DeltaError(f"{path}: several checkpoints match {pattern}: {[h.name for h in hits]}")
     return hits[0]
