@@ -33,7 +33,7 @@ tasks = list(STUDY_TASKS)  # the study's tasks: each is a source and, leaving it
 targets = []  # do the per-target steps only for these tasks (default: every task)
 shard = ""  # "i/n": the per-target steps (random similarity ensemble targets) for every n-th target from i
 source_shard = ""  # "i/n": the sources step tunes every n-th source from i
-source_dir = "auto"  # reuse these source deltas ({task}/checkpoint-best*; "{method}" is replaced); auto: the shipped data/sources/{method} on the embedded backbone; "": tune them here
+source_dir = "auto"  # reuse these source deltas ({task}/checkpoint-best* or {task}/ peft LoRA folders; "{method}" is replaced); auto: the shipped data/sources/{method} on the embedded backbone; "": tune them here
 source_task_dir = str(REPO / "data" / "full")  # the sources' data: CrossFit task folders (full splits)
 target_task_dir = str(REPO / "data" / "fewshot")  # the targets' data: CrossFit task folders (few-shot splits)
 model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
@@ -67,6 +67,8 @@ adapter_type = "houlsby"  # houlsby (swish, after attention and FFN) or pfeiffer
 adapter_size = 12  # adapter bottleneck width
 lora_r = 10  # LoRA rank
 lora_alpha = 16  # LoRA scale numerator (scale = alpha / r)
+lora_targets = ["q", "v"]  # T5 Linear layers LoRA wraps: any of q k v o (every attention), wi wi_0 wi_1 wo (every FFN)
+lora_rslora = False  # LoRA scale alpha / sqrt(r) (rank-stabilised, peft's use_rslora) instead of alpha / r
 prefix_num = 120  # number of prefix vectors per stack
 prefix_r = 24  # width of the prefix MLP
 device = "auto"  # auto (cuda if available), cpu or cuda
