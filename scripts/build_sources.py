@@ -29,7 +29,7 @@ shard = ""  # "i/n": this process trains every n-th task from i (run n processes
 work_dir = str(REPO / "runs" / "sources_build")  # the study's output folder for the source runs
 out_dir = str(REPO / "data" / "sources")  # where the shipped deltas and sources.json go
 model = str(DEFAULT_MODEL)  # backbone the sources are tuned on
-train_iters = 3000  # updates per source (docs/BACKBONE.md: LoRA learns most of its tasks by 3,000)
+train_iters = ["lora=3000", "adapter=2000", "prefix=2000"]  # updates per source, per method (docs/BACKBONE.md)
 valid_interval = 250  # validate on the full dev split every this many updates (200 rows: a validation costs about 25 updates)
 early_stop = 0  # stop after this many validations without gain (0: never; LoRA sits on a plateau for 1,000 updates)
 learning_rate = 5e-4  # Adafactor learning rate (the study's)
@@ -57,11 +57,20 @@ def _run(a):
     unknown = [s for s in a.steps if s not in ("train", "ship")]
     if unknown:
         raise UserError(f"--steps: unknown step(s) {', '.join(unknown)}; expected train and / or ship")
-    if "train" in a.steps:
-        code = run_study.main(["--steps", "sources", "--methods", *a.methods, "--tasks", *a.tasks,
+    budgets = {}
+    for item in a.train_iters:
+        method, eq, iters = str(item).partition("=")
+        if not eq or not iters.isdigit():
+            raise UserError(f"--train_iters: {item!r} is not method=updates")
+        budgets[method] = int(iters)
+    missing = [m for m in a.methods if m not in budgets]
+    if missing:
+        raise UserError(f"--train_iters: no budget for {', '.join(missing)}")
+    for method in a.methods if "train" in a.steps else ():
+        code = run_study.main(["--steps", "sources", "--methods", method, "--tasks", *a.tasks,
                                "--source_shard", a.shard, "--source_dir", "", "--output_dir", a.work_dir,
                                "--model", a.model, "--tokenizer_path", a.model,
-                               "--source_train_iters", str(a.train_iters), "--valid_interval", str(a.valid_interval),
+                               "--source_train_iters", str(budgets[method]), "--valid_interval", str(a.valid_interval),
                                "--early_stop", str(a.early_stop), "--learning_rate", str(a.learning_rate),
                                "--batch_size", str(a.batch_size), "--source_seed", str(a.seed), "--device", a.device,
                                "--max_input_length", str(a.max_input_length),
