@@ -19,13 +19,17 @@ this is a factor 1/5; for a 64-shot split 1/64, which would leave the L1 term do
 weights near 0, so it is an option and not the default.
 
 Seeded: nevergrad draws from ``parametrization.random_state``, set to ``RandomState(seed)``
-(LoraHub seeds numpy's global generator instead; the global generators are left alone here).
+(LoraHub seeds numpy's global generator instead; the global generators are left alone here). With
+LoraHub's budget and a noise-free objective, NGOpt (nevergrad 1.0.12) hands the search to a
+deterministic optimizer (scipy's COBYLA), so there the seed changes nothing: the
+same inputs give the same weights whatever the seed.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -100,7 +104,9 @@ def search(loss_of, n: int, start=None, *, budget=40, bound=1.5, l1=0.05, seed=0
         return value
 
     start_time = time.perf_counter()
-    recommendation = optimizer.minimize(objective)
+    with warnings.catch_warnings():  # scipy's COBYLA, under NGOpt, warns of its own defaults at every search
+        warnings.filterwarnings("ignore", message=".*COBYLA: Invalid RHOEND.*")
+        recommendation = optimizer.minimize(objective)
     return SearchResult([float(x) for x in recommendation.value], len(seen), min(seen),
                         time.perf_counter() - start_time)
 

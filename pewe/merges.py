@@ -51,6 +51,8 @@ from typing import Callable
 
 import torch
 
+from pewe.errors import UserError
+
 MERGE_DEFAULTS = {
     "lambda": 1.0,  # mergekit's global scale of the merged task vector (task_arithmetic, ties, dare_*)
     "ties_density": 0.2,  # share of each delta's entries that ties keeps (largest |x|); peft's guide: 0.2
@@ -58,7 +60,7 @@ MERGE_DEFAULTS = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """A merge that cannot be made (bad parameter, a method it does not apply to)."""
 
 
