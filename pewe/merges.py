@@ -40,7 +40,8 @@ The rules and their defaults (``MERGE_DEFAULTS``, overridable per study or scrip
   terms B_i A_j; ``lora_product_error`` measures the difference.
 
 Random drops draw from a ``torch.Generator`` (``merge_rng``: the seed and the target's name), key by
-key in the deltas' key order, so a merge is a deterministic function of its inputs and seed.
+key in sorted key order (the order of a file's keys as safetensors loads them can change from one
+process to the next), so a merge is a deterministic function of its inputs and seed.
 """
 from __future__ import annotations
 
@@ -212,12 +213,12 @@ def merge_deltas(merge: str, deltas: list, weights: list, config, rng=None, para
     if spec.lora_only and config.method != "lora":
         raise MergeError(f"{merge} applies to LoRA deltas only, not {config.method}")
     params = check_merge_params(params or {})
-    keys = list(deltas[0])
+    keys = sorted(deltas[0])  # sorted: a loaded file's key order may differ between processes
     out = {}
     pairs = lora_pairs(keys) if config.method == "lora" else {}
     paired = {k for ab in pairs.values() for k in ab}
     scale = lora_scale(config) if pairs else None
-    for k in keys:  # the deltas' key order: random drops are drawn in it
+    for k in keys:  # random drops are drawn in this order
         if k in paired:
             if not k.endswith(".A"):
                 continue
@@ -227,7 +228,7 @@ def merge_deltas(merge: str, deltas: list, weights: list, config, rng=None, para
             out[b_key], out[a_key] = lora_factors(merged, deltas[0][a_key].shape[0], scale)
         else:
             out[k] = spec.fn([d[k] for d in deltas], weights, params, rng).to(torch.float32)
-    return {k: out[k].contiguous() for k in keys}
+    return {k: out[k].contiguous() for k in deltas[0]}
 
 
 def lora_product_error(deltas: list, weights: list, config) -> float:

@@ -277,3 +277,301 @@ def test_train_split_loss_is_the_loss_of_the_weighted_sum_for_every_method(metho
     assert got == pytest.approx(want, rel=1e-5)
     found = H.search(loss, 2, budget=6, seed=0)
     assert found.evaluations == 6 and loss.calls == 1 + 6
+
+
+# --------------------------------------------------------------------------- the study: rows, sidecars, reruns
+
+PEER_INITS = ["ties=Loss", "dare_ties", "lora_exact=Loss", "topk=Loss", "lorahub", "lorahub_from=Loss",
+              "task_arithmetic", "dare_linear=Loss"]
+
+
+def study_args(backbone, tasks, out, *extra):
+    return ["--model", backbone, "--tokenizer_path", backbone, "--tasks", *TINY_TASKS, "--source_task_dir", tasks,
+            "--target_task_dir", tasks, "--output_dir", out, "--methods", "lora", "--lora_r", "2", "--seeds", "42",
+            "--scores", "Loss", "--inits", "average", *PEER_INITS, "--merge_options", "lorahub_budget=8", "topk_k=1",
+            "--step_budgets", "0", "--source_train_iters", "10", "--target_train_iters", "10", "--valid_interval", "5",
+            "--log_interval", "5", "--learning_rate", "0.03", "--predict_batch_size", "16", "--max_output_length", "8",
+            "--sim_batch_size", "8", "--device", "cpu", "--precision", "fp32", "--quiet", "--progress=false", *extra]
+
+
+def run(*argv):
+    return run_study.main(list(map(str, argv)))
+
+
+@pytest.fixture(scope="module")
+def peer_study(tiny_backbone, tiny_tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("peers")
+    assert run(*study_args(tiny_backbone, tiny_tasks, out)) == 0
+    return out
+
+
+def lora_table(text, title):
+    lines = text[text.index("## lora"):].splitlines()
+    start = lines.index(f"### {title}")
+    start = next(i for i in range(start, len(lines)) if lines[i].startswith("|")) + 1  # past the header
+    rows = {}
+    for line in lines[start + 1:]:  # past the |---| line
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_peers_inits_are_rows_of_the_report_with_their_runs_scores(peer_study):
+    out = peer_study
+    text = (out / "report.md").read_text()
+    rows = lora_table(text, "Test score after early stopping")
+    for init in ["average", *PEER_INITS, "Loss"]:
+        scores = []
+        for t in TINY_TASKS:
+            res = next((out / "lora" / "targets" / init / "seed_42" / t / "runs").glob("*/result.json"))
+            scores.append(json.loads(res.read_text())["test_score"])
+        # one seed: each cell is the score x 100, the mean column the mean over targets
+        assert rows[init] == [f"{100 * x:.2f}" for x in scores] + [f"{100 * sum(scores) / 3:.2f}"]
+    assert f"Finished runs: {(2 + len(PEER_INITS) + 1) * 3} of {(2 + len(PEER_INITS) + 1) * 3}." in text
+    gains = text[text.index("Gain over random init"):].splitlines()[0]
+    assert all(f"{init} " in gains for init in PEER_INITS)
+    params = lora_table(text, "Initialisation parameters and the LoRA product")
+    assert params["ties=Loss"][0] == "lambda 1, ties_density 0.2" and params["lorahub"][1] == "8"
+    assert params["topk=Loss"][0] == "topk_k 1" and params["average"][0] == "—"
+    for init in ["average", "Loss", *PEER_INITS]:
+        assert params[init][2].endswith(" %")
+    with open(out / "init_compute.csv") as f:
+        compute = list(csv.DictReader(f))
+    assert len(compute) == 3 * (2 + len(PEER_INITS)) and all(float(r["compute_seconds"]) > 0 for r in compute)
+    assert {r["loss_evaluations"] for r in compute if r["init"].startswith("lorahub")} == {"8"}
+
+
+def sources_of(out):
+    return {t: read_delta(out / "lora" / "sources" / t / "checkpoint-best.safetensors")[0] for t in TINY_TASKS}
+
+
+def test_the_study_writes_what_the_rules_say(peer_study):
+    out = peer_study
+    src = sources_of(out)
+    cfg = DeltaConfig("lora", lora_r=2, lora_alpha=16)
+    scale = 16 / 2
+    target = TINY_TASKS[0]
+    side = lambda init: json.loads((out / "lora" / "init" / init / f"without_{target}_checkpoint.json").read_text())
+    loss_w = side("Loss")["weights"]
+    assert side("ties=Loss")["weights"] == loss_w and side("ties=Loss")["merge"] == {"lambda": 1.0, "ties_density": 0.2}
+    got, _, _ = read_delta(out / "lora" / "init" / "ties=Loss" / f"without_{target}_checkpoint.safetensors")
+    names = list(loss_w)
+    for a_key in [k for k in got if k.endswith(".A")]:
+        b_key = a_key[:-2] + ".B"
+        products = [scale * src[s][b_key].double().numpy() @ src[s][a_key].double().numpy() for s in names]
+        merged = peers_ties(products, [loss_w[s] for s in names], 0.2, 1.0)
+        u, sv, vh = np.linalg.svd(merged)
+        np.testing.assert_allclose(scale * got[b_key].double().numpy() @ got[a_key].double().numpy(),
+                                   (u[:, :2] * sv[:2]) @ vh[:2], rtol=1e-3, atol=1e-5)
+    # the paper's rule (the Loss init) against the exact product, at its weights
+    error = M.lora_product_error([src[s] for s in names], [loss_w[s] for s in names], cfg)
+    assert side("Loss")["lora_product_error"] == pytest.approx(error, rel=1e-9) and 0 < error < 10
+    # topk_k=1: the single best source by Loss, weight 1
+    best = max(loss_w, key=loss_w.get)
+    assert side("topk=Loss")["weights"] == {best: 1.0}
+    topk, _, _ = read_delta(out / "lora" / "init" / "topk=Loss" / f"without_{target}_checkpoint.safetensors")
+    assert all(torch.equal(topk[k], src[best][k].float()) for k in topk)
+    # LoraHub: weights within the bound, a search of the budget, and the initial delta is their sum
+    hub = side("lorahub")
+    assert hub["loss_evaluations"] == 8 and all(abs(w) <= 1.5 for w in hub["weights"].values())
+    assert side("lorahub_from=Loss")["search"]["start_weights"] == [loss_w[s] for s in names]
+    delta, _, _ = read_delta(out / "lora" / "init" / "lorahub" / f"without_{target}_checkpoint.safetensors")
+    for k in delta:
+        np.testing.assert_allclose(delta[k].numpy(), sum(w * src[s][k].double().numpy() for s, w in hub["weights"].items()),
+                                   rtol=1e-5, atol=1e-6)
+    # the heat maps and weight files of the summary are there
+    for init in PEER_INITS:
+        d = out / "lora" / "init" / init
+        assert (d / "hot_pic_all.png").is_file() and (d / "final_weight.txt").is_file() and (d / "weights.csv").is_file()
+
+
+def test_rerun_skips_without_searching_and_a_changed_option_is_refused(peer_study, tiny_backbone, tiny_tasks, capsys):
+    out = peer_study
+    log = out / "log.txt"
+    before = len(log.read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "lora" / "init").rglob("*.safetensors")}
+    assert run(*study_args(tiny_backbone, tiny_tasks, out, "--steps", "ensemble")) == 0
+    new = log.read_text()[before:]
+    assert new.count("already done, skipping") == 3 * (1 + len(PEER_INITS) + 1) and "loss evaluations" not in new
+    assert {p: p.stat().st_mtime_ns for p in (out / "lora" / "init").rglob("*.safetensors")} == stamps
+    capsys.readouterr()
+    assert run(*study_args(tiny_backbone, tiny_tasks, out, "--steps", "ensemble", "--merge_options",
+                           "lorahub_budget=8", "topk_k=1", "ties_density=0.5")) == 1
+    assert "made with other merge parameters than now" in capsys.readouterr().err
+    assert run(*study_args(tiny_backbone, tiny_tasks, out, "--steps", "ensemble", "--merge_options",
+                           "lorahub_budget=9", "topk_k=1")) == 1
+    assert "made with other search inputs" in capsys.readouterr().err
+
+
+def test_every_peer_init_is_deterministic_for_a_seed(peer_study, tiny_backbone, tiny_tasks, tmp_path):
+    """The same study options in a new folder (the same sources) give the same initial deltas, bit for bit."""
+    reuse = ["--source_dir", peer_study / "{method}" / "sources"]
+    again = tmp_path / "again"
+    assert run(*study_args(tiny_backbone, tiny_tasks, again, *reuse, "--steps", "similarity", "ensemble")) == 0
+    for init in PEER_INITS:
+        for t in TINY_TASKS:
+            name = f"without_{t}_checkpoint.safetensors"
+            a = (peer_study / "lora" / "init" / init / name).read_bytes()
+            assert a == (again / "lora" / "init" / init / name).read_bytes(), (init, t)
+    other = tmp_path / "other_seed"
+    assert run(*study_args(tiny_backbone, tiny_tasks, other, *reuse, "--steps", "similarity", "ensemble",
+                           "--source_seed", "7")) == 0
+    name = f"without_{TINY_TASKS[0]}_checkpoint.safetensors"
+    assert (peer_study / "lora" / "init" / "dare_ties" / name).read_bytes() != \
+        (other / "lora" / "init" / "dare_ties" / name).read_bytes()  # another seed, other drops
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--inits", "lora_exact"], "--inits lora_exact: for LoRA deltas only, but --methods has adapter"),
+    (["--inits", "ties=KL"], "--inits ties=KL: KL is not among --scores"),
+    (["--inits", "topk"], "needs a score"),
+    (["--inits", "Loss"], "--inits: Loss is a score"),
+    (["--merge_options", "ties_density=1.5"], "ties_density must be in (0, 1]"),
+    (["--merge_options", "density=0.5"], "merge option 'density=0.5'"),
+])
+def test_bad_peer_options_fail_cleanly(tiny_tasks, tmp_path, capsys, extra, msg):
+    argv = ["--tasks", *TINY_TASKS, "--source_task_dir", str(tiny_tasks), "--target_task_dir", str(tiny_tasks),
+            "--output_dir", str(tmp_path), "--steps", "report", "--scores", "Loss", "--quiet", *extra]
+    assert run_study.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+
+
+def test_merges_do_not_depend_on_the_key_order_of_a_loaded_file():
+    deltas = [lora_delta(s) for s in range(3)]
+    shuffled = [dict(reversed(list(d.items()))) for d in deltas]
+    for merge in ("dare_ties", "dare_linear", "ties"):
+        a = M.merge_deltas(merge, deltas, [0.2, 0.3, 0.5], LORA, M.merge_rng(1, "t"))
+        b = M.merge_deltas(merge, shuffled, [0.2, 0.3, 0.5], LORA, M.merge_rng(1, "t"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    c = M.merge_deltas("dare_ties", deltas, [0.2, 0.3, 0.5], LORA, M.merge_rng(2, "t"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- unit_model/unit_model_merge.py
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("unit_model_merge", REPO / "unit_model" / "unit_model_merge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script_pool(tiny_backbone, tiny_tasks, tmp_path_factory):
+    """Random LoRA (r 2) source deltas of the tiny backbone for the three tiny tasks, and a Loss result.tsv."""
+    from pewe.model import load_backbone
+
+    root = tmp_path_factory.mktemp("merge_script")
+    model, _ = load_backbone(tiny_backbone, tiny_backbone)
+    cfg = DeltaConfig("lora", lora_r=2)
+    shapes = {k: v.shape for k, v in delta_state_dict(attach_delta(model, cfg)).items()}
+    deltas = {}
+    for i, t in enumerate(TINY_TASKS):
+        g = torch.Generator().manual_seed(10 + i)
+        deltas[t] = {k: 0.3 * torch.randn(s, generator=g) for k, s in shapes.items()}
+        save_delta(root / "sources" / t / "checkpoint-best.safetensors", deltas[t], cfg, task=t)
+    scores = {t: {s: 0.5 + 0.25 * ((i + j) % 3) for j, s in enumerate(TINY_TASKS)} for i, t in enumerate(TINY_TASKS)}
+    lines = []
+    for t in TINY_TASKS:
+        lines += [t] + [f"{s},{scores[t][s]}" for s in TINY_TASKS]
+    (root / "result.tsv").write_text("\n".join(lines) + "\n")
+    return root, deltas, scores, cfg
+
+
+def script_args(root, tasks, out, *extra):
+    return [f"--origin_data_path={tasks}", f"--source_ckpt_path={root / 'sources'}", f"--sim_path={root / 'result.tsv'}",
+            f"--save_ckpt_path={out}", "--delta=lora", "--progress=false", *extra]
+
+
+def test_unit_model_merge_writes_the_others_files_with_the_merged_deltas(script_pool, tiny_tasks, tmp_path):
+    root, deltas, scores, cfg = script_pool
+    out = tmp_path / "ties"
+    assert load_script().main(script_args(root, tiny_tasks, out, "--method=ties", "--metric=Loss", "--tem=0.5",
+                                          "--ties_density=0.3")) == 0
+    lines = (out / "final_weight.txt").read_text().splitlines()
+    assert lines[0] == TINY_TASKS[0] and len(lines) == 6
+    with open(out / "weights.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (out / "hot_pic_all.png").stat().st_size > 0
+    for t in TINY_TASKS:
+        others = [s for s in TINY_TASKS if s != t]
+        e = np.exp(-np.array([scores[t][s] for s in others]) / 0.5)
+        w = list(e / e.sum())
+        got, _, meta = read_delta(out / f"without_{t}_checkpoint.safetensors")
+        np.testing.assert_allclose([meta["weights"][s] for s in others], w, rtol=1e-12)
+        assert meta["merge"] == {"lambda": 1.0, "ties_density": 0.3} and meta["compute_seconds"] > 0
+        assert meta["lora_product_error"] == pytest.approx(M.lora_product_error([deltas[s] for s in others], w, cfg))
+        want = M.merge_deltas("ties", [deltas[s] for s in others], w, cfg, params={"ties_density": 0.3})
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_unit_model_merge_dare_is_seeded(script_pool, tiny_tasks, tmp_path):
+    root = script_pool[0]
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        out = tmp_path / name
+        assert load_script().main(script_args(root, tiny_tasks, out, "--method=dare_linear", f"--seed={seed}")) == 0
+        runs[name] = (out / f"without_{TINY_TASKS[0]}_checkpoint.safetensors").read_bytes()
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+
+
+def test_unit_model_merge_lorahub_searches_on_the_train_split(script_pool, tiny_backbone, tiny_tasks, tmp_path):
+    root, deltas, _, _ = script_pool
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, str(REPO / "unit_model" / "unit_model_merge.py"),
+                            *script_args(root, tiny_tasks, out, "--method=lorahub", f"--model={tiny_backbone}",
+                                         f"--tokenizer_path={tiny_backbone}", "--device=cpu", "--precision=fp32",
+                                         "--lorahub_budget=6", "--max_output_length=8")],
+                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                              "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        outs.append(out)
+    for t in TINY_TASKS:
+        got, _, meta = read_delta(outs[0] / f"without_{t}_checkpoint.safetensors")
+        assert meta["method"] == "lorahub" and meta["loss_evaluations"] == 6 and meta["start"] == "zeros"
+        assert all(abs(w) <= 1.5 for w in meta["weights"].values()) and meta["compute_seconds"] > 0
+        for k in got:
+            want = sum(w * deltas[s][k].double() for s, w in meta["weights"].items())
+            np.testing.assert_allclose(got[k].numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+        again = json.loads((outs[1] / f"without_{t}_checkpoint.json").read_text())
+        assert again["weights"] == meta["weights"]  # the same search in another process
+    assert (outs[0] / "hot_pic_all.png").is_file() and (outs[0] / "final_weight.txt").is_file()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--method=lora_exact", "--delta=adapter"], "a lora delta, but delta = adapter"),
+    (["--method=topk"], "needs a score: topk=SCORE"),
+    (["--method=ties", "--ties_density=0"], "ties_density must be in (0, 1]"),
+    (["--method=bogus"], "unknown initialisation 'bogus'"),
+])
+def test_unit_model_merge_bad_options_are_one_line(script_pool, tiny_tasks, tmp_path, capsys, extra, msg):
+    root = script_pool[0]
+    out = tmp_path / "never"
+    assert load_script().main(script_args(root, tiny_tasks, out, *extra)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and (msg is None or msg in err[0]), err
+    assert not out.exists()
+
+
+def test_lorahub_and_ties_for_adapters_and_prefix_in_the_study(tiny_backbone, tiny_tasks, tmp_path):
+    from delta_modules import load_delta
+    from pewe.model import load_backbone
+
+    out = tmp_path / "ap"
+    argv = study_args(tiny_backbone, tiny_tasks, out, "--steps", "sources", "similarity", "ensemble")
+    argv[argv.index("--inits") + 1:argv.index("--merge_options")] = ["lorahub", "ties", "dare_ties=Loss"]
+    argv[argv.index("--methods") + 1:argv.index("--methods") + 2] = ["adapter", "prefix"]
+    assert run(*argv, "--adapter_size", "4", "--prefix_num", "4", "--prefix_r", "8") == 0
+    for method, cfg in (("adapter", DeltaConfig("adapter", adapter_size=4)), ("prefix", DeltaConfig("prefix", prefix_num=4, prefix_r=8))):
+        model = attach_delta(load_backbone(tiny_backbone, tiny_backbone)[0], cfg)
+        for init in ("lorahub", "ties", "dare_ties=Loss"):
+            for t in TINY_TASKS:
+                meta = load_delta(model, out / method / "init" / init / f"without_{t}_checkpoint.safetensors")
+                assert meta["compute_seconds"] > 0 and "lora_product_error" not in meta
+                if init == "lorahub":
+                    assert meta["loss_evaluations"] == 8

@@ -140,7 +140,7 @@ def step_ensemble(bench, plan: StudyPlan, method):
             used = {s: pool[s] for s in weights}
             meta = {**meta, "source_sha256": {s: file_sha256(p) for s, p in used.items()}, "compute_seconds": seconds}
             if old is not None:
-                _refuse_changed(path, old, meta, ("weights", "source_sha256", "merge"))
+                _refuse_changed(path, old, {**meta, "weights": weights}, ("weights", "source_sha256", "merge"))
                 log.info("%s: already done, skipping", path)
                 continue
             if spec.needs_loss:
