@@ -38,7 +38,8 @@ source_task_dir = str(REPO / "data" / "full")  # the sources' data: CrossFit tas
 target_task_dir = str(REPO / "data" / "fewshot")  # the targets' data: CrossFit task folders (few-shot splits)
 model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
-inits = ["average", "manual"]  # baseline initialisations besides random: average (all other sources), manual (group)
+inits = ["average", "manual"]  # initialisations besides random and the scores': average, manual, and the peers' NAME or NAME=SCORE (SCORE among --scores): task_arithmetic ties dare_linear dare_ties lora_exact topk=S lorahub lorahub_from=S (pewe/inits.py)
+merge_options = []  # name=value parameters of the peers' combinations (pewe.inits.MERGE_OPTIONS: lambda=1 ties_density=0.2 dare_drop=0.8 topk_k=3 lorahub_budget=40 lorahub_bound=1.5 lorahub_l1=0.05 ...)
 groups = []  # manual groups ("a b c" each); default task_list.BUNDLED_GROUPS and the paper's QA_groups, restricted to the tasks
 scores = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", "Cosine", "Euclidean",
           "Performance"]  # one softmax init per score (every score of the paper)
