@@ -127,6 +127,16 @@ def _is_number(text):
         return False
 
 
+def with_defaults(defaults: dict, given: dict, error=ValueError, what="option") -> dict:
+    """``defaults`` updated with ``given``; a name that is not among the defaults is refused."""
+    out = dict(defaults)
+    for k, v in given.items():
+        if k not in defaults:
+            raise error(f"unknown {what} {k!r}; expected one of {', '.join(defaults)}")
+        out[k] = v
+    return out
+
+
 def help_text(prog, tunables: dict, defaults: dict) -> str:
     width = max(len(k) for k in tunables) + 2
     lines = [f"usage: {prog} [--name=value ...]", "", "options (default, meaning):"]

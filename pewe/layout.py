@@ -30,7 +30,8 @@ from pathlib import Path
 from pewe.atomic import atomic_write_text
 from pewe.data import DataError, text_lines
 from pewe.errors import UserError
-from delta_modules import PEFT_CONFIG, DeltaError, is_peft_folder, peft_weights_path
+from delta_modules import DeltaError
+from delta_peft import PEFT_CONFIG, is_peft_folder, peft_weights_path
 
 SOURCE_PATTERN = "checkpoint-best*.safetensors"
 INIT_PATTERN = "without_{task}_checkpoint.safetensors"

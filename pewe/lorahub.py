@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from delta_modules import delta_named_parameters, delta_state_dict, load_delta_state
+from pewe.configurator import with_defaults
 from pewe.data import batches
 from pewe.errors import UserError
 from pewe.model import autocast
@@ -56,11 +57,7 @@ class LoraHubError(UserError):
 
 def check_lorahub_params(params: dict) -> dict:
     """LORAHUB_DEFAULTS updated with ``params``, each checked."""
-    out = dict(LORAHUB_DEFAULTS)
-    for k, v in params.items():
-        if k not in LORAHUB_DEFAULTS:
-            raise LoraHubError(f"unknown LoraHub option {k!r}; expected one of {', '.join(LORAHUB_DEFAULTS)}")
-        out[k] = v
+    out = with_defaults(LORAHUB_DEFAULTS, params, LoraHubError, "LoraHub option")
     for k in ("lorahub_budget", "lorahub_batch_size"):
         if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 1:
             raise LoraHubError(f"{k} must be a whole number >= 1, not {out[k]!r}")

@@ -52,6 +52,7 @@ from typing import Callable
 
 import torch
 
+from pewe.configurator import with_defaults
 from pewe.errors import UserError
 
 MERGE_DEFAULTS = {
@@ -159,11 +160,7 @@ def lora_exact(tensors, weights, params, rng=None):
 
 def check_merge_params(params: dict) -> dict:
     """MERGE_DEFAULTS updated with ``params``, each checked: lambda finite, densities and drop rates in range."""
-    out = dict(MERGE_DEFAULTS)
-    for k, v in params.items():
-        if k not in MERGE_DEFAULTS:
-            raise MergeError(f"unknown merge option {k!r}; expected one of {', '.join(MERGE_DEFAULTS)}")
-        out[k] = v
+    out = with_defaults(MERGE_DEFAULTS, params, MergeError, "merge option")
     for k in ("lambda", "ties_density", "dare_drop"):
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from pewe.atomic import atomic_write_bytes, atomic_write_text
@@ -66,7 +67,11 @@ def plot_heat_map(path, weights: dict, sources, title=""):
     FigureCanvasAgg(fig)  # attaches an Agg canvas: no pyplot, no global backend change
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["coolwarm"].with_extremes(bad="white")
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
+    lowest = float(np.nanmin(m)) if np.isfinite(m).any() else 0.0
+    # softmax weights are >= 0 (blue = 0); a search such as LoraHub's may give negative ones: centre on 0
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=lowest, vmax=max(float(np.nanmax(m)), 1e-12)) if lowest < 0 else None
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=norm, vmin=None if norm else 0.0, aspect="auto",
+                   interpolation="nearest")
     ax.set_xticks(range(cols), labels=list(sources), fontsize=font, rotation=80, ha="right",
                   rotation_mode="anchor")
     ax.set_yticks(range(rows), labels=list(weights), fontsize=font)

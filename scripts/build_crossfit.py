@@ -60,7 +60,6 @@ tests/fixtures/crossfit is such a folder (invented rows, for the tests).
 """
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 

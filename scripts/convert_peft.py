@@ -48,9 +48,10 @@ def peft_to_ours(src: Path, dst: Path, allow):
 
 def ours_to_peft(src: Path, dst: Path, base, allow):
     import delta_modules as dm
+    import delta_peft as dp
 
     tensors, config, meta = dm.read_delta(src, allow_bin=allow)
-    dm.write_peft(dst, tensors, config, base_model=base or meta.get("base_model"))
+    dp.write_peft(dst, tensors, config, base_model=base or meta.get("base_model"))
     return config
 
 
@@ -74,7 +75,7 @@ def deltas_to_export(folder: Path) -> dict:
 def _run(a):
     from tqdm import tqdm
 
-    import delta_modules as dm
+    import delta_peft as dp
     from pewe.errors import UserError
 
     allow = True if a.allow_bin else None  # None: read_delta asks PEWE_ALLOW_PEFT_BIN
@@ -84,23 +85,23 @@ def _run(a):
         src, dst = Path(a.from_peft), Path(a.to) if a.to else None
         if dst is None:
             raise UserError("--from_peft needs --to (FILE.safetensors, or a folder for a collection)")
-        if dm.is_peft_folder(src):
+        if dp.is_peft_folder(src):
             if dst.suffix != ".safetensors":
                 raise UserError(f"--to {dst}: a delta file must end in .safetensors")
             print(f"wrote {dst}: {describe(peft_to_ours(src, dst, allow))}")
             return
         if not src.is_dir():
             raise UserError(f"--from_peft {src}: no such folder")
-        modules = [d for d in sorted(src.iterdir()) if dm.is_peft_folder(d)]
+        modules = [d for d in sorted(src.iterdir()) if dp.is_peft_folder(d)]
         if not modules:
             raise UserError(f"--from_peft {src}: neither a peft adapter folder nor a folder of them "
-                            f"({{name}}/{dm.PEFT_CONFIG})")
+                            f"({{name}}/{dp.PEFT_CONFIG})")
         if dst.suffix == ".safetensors":
             raise UserError(f"--to {dst}: {src} holds {len(modules)} adapters; give a folder")
-        pickled = [d for d in modules if dm.peft_weights_path(d) and dm.peft_weights_path(d).name == dm.PEFT_PICKLE]
-        if pickled and allow is None and os.environ.get(dm.PEFT_BIN_ENV) != "1":  # refused before any is written
-            raise UserError(f"{pickled[0]}: {len(pickled)} of the {len(modules)} adapters hold only {dm.PEFT_PICKLE}, "
-                            f"{dm.PICKLE_REASON}; give --allow_bin to read them")
+        pickled = [d for d in modules if dp.peft_weights_path(d) and dp.peft_weights_path(d).name == dp.PEFT_PICKLE]
+        if pickled and allow is None and os.environ.get(dp.PEFT_BIN_ENV) != "1":  # refused before any is written
+            raise UserError(f"{pickled[0]}: {len(pickled)} of the {len(modules)} adapters hold only {dp.PEFT_PICKLE}, "
+                            f"{dp.PICKLE_REASON}; give --allow_bin to read them")
         for d in tqdm(modules, desc="peft -> ours", unit="adapter", disable=not a.progress, dynamic_ncols=True):
             config = peft_to_ours(d, dst / d.name / "checkpoint-best.safetensors", allow)
         print(f"wrote {len(modules)} source deltas to {dst}/{{name}}/checkpoint-best.safetensors "
@@ -109,7 +110,7 @@ def _run(a):
     src = Path(a.to_peft)
     if not a.out:
         raise UserError("--to_peft needs --out (the peft folder to write)")
-    if src.is_file() or dm.is_peft_folder(src):
+    if src.is_file() or dp.is_peft_folder(src):
         print(f"wrote {a.out}: {describe(ours_to_peft(src, Path(a.out), a.base_model, allow))}")
         return
     if not src.is_dir():

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import T5ForConditionalGeneration
 
 import delta_modules as dm
+import delta_peft as dp
 from conftest import REPO, TINY_TASKS
 from pewe import layout as L
 from test_delta_modules import tiny_config
@@ -71,7 +72,7 @@ def ours_from(folder, model_config=None):
 
 
 def peft_tensors(folder):
-    return load_file(str(folder / dm.PEFT_WEIGHTS))
+    return load_file(str(folder / dp.PEFT_WEIGHTS))
 
 
 # --------------------------------------------------------------------------- peft -> ours -> peft
@@ -80,7 +81,7 @@ def test_trained_peft_lora_gives_the_same_logits_here(tmp_path):
     theirs = trained_peft(tmp_path / "a", r=4, lora_alpha=8, target_modules=["q", "v"])
     tensors, config, meta = dm.read_delta(tmp_path / "a")
     assert config == dm.DeltaConfig("lora", lora_r=4, lora_alpha=8) and config.lora_scale == 2.0
-    assert meta["format"] == "peft" and meta["peft_weights"] == dm.PEFT_WEIGHTS
+    assert meta["format"] == "peft" and meta["peft_weights"] == dp.PEFT_WEIGHTS
     # the key mapping, one by one: base_model.model.{path}.lora_A.weight <-> {path}.lora.A
     raw = peft_tensors(tmp_path / "a")
     assert len(raw) == len(tensors) == 2 * 2 * (2 + 2 * 2)
@@ -97,14 +98,14 @@ def test_ours_exported_loads_in_peft_with_the_same_logits(tmp_path):
     with torch.no_grad():
         for _, p in dm.delta_named_parameters(ours):
             p.normal_(0, 0.3)
-    dm.write_peft(tmp_path / "out", dm.delta_state_dict(ours), ours.delta_config, base_model="tiny-t5")
-    cfg = json.loads((tmp_path / "out" / dm.PEFT_CONFIG).read_text())
+    dp.write_peft(tmp_path / "out", dm.delta_state_dict(ours), ours.delta_config, base_model="tiny-t5")
+    cfg = json.loads((tmp_path / "out" / dp.PEFT_CONFIG).read_text())
     assert {k: cfg[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "target_modules", "use_rslora",
                                 "base_model_name_or_path", "lora_dropout", "bias", "fan_in_fan_out")} == {
         "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": 3, "lora_alpha": 6, "target_modules": ["q", "v"],
         "use_rslora": False, "base_model_name_or_path": "tiny-t5", "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False}
-    with safe_open(str(tmp_path / "out" / dm.PEFT_WEIGHTS), "pt") as f:
+    with safe_open(str(tmp_path / "out" / dp.PEFT_WEIGHTS), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     theirs = peft.PeftModel.from_pretrained(base_model(), str(tmp_path / "out")).eval()
     assert not torch.allclose(logits(ours), logits(base_model()), atol=1e-3)
@@ -135,7 +136,7 @@ def test_rslora_and_wider_targets_round_trip(tmp_path, name):
     assert not torch.allclose(logits(ours), logits(base_model(**model_config)), atol=1e-3)
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
     # ... and back: the same tensors under the same keys, peft loads them with the same logits
-    dm.write_peft(tmp_path / "back", dm.delta_state_dict(ours), config)
+    dp.write_peft(tmp_path / "back", dm.delta_state_dict(ours), config)
     before, after = peft_tensors(tmp_path / "in"), peft_tensors(tmp_path / "back")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     again = peft.PeftModel.from_pretrained(base_model(**model_config), str(tmp_path / "back")).eval()
@@ -151,7 +152,7 @@ def test_our_wider_lora_matches_peft_on_the_same_factors(tmp_path):
     with torch.no_grad():
         for _, p in dm.delta_named_parameters(ours):
             p.normal_(0, 0.3)
-    dm.write_peft(tmp_path / "p", dm.delta_state_dict(ours), config)
+    dp.write_peft(tmp_path / "p", dm.delta_state_dict(ours), config)
     theirs = peft.PeftModel.from_pretrained(base_model(**RELU), str(tmp_path / "p")).eval()
     layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     assert len(layers) == 2 * 4 * (1 + 2) + 2 * 2 * 2  # q k v o per attention, wi wo per FFN
@@ -210,9 +211,9 @@ def plain_folder(tmp_path_factory):
 
 def edited_copy(src, dst, config_changes=None, tensors=None):
     dst.mkdir(parents=True)
-    cfg = {**json.loads((src / dm.PEFT_CONFIG).read_text()), **(config_changes or {})}
-    (dst / dm.PEFT_CONFIG).write_text(json.dumps(cfg))
-    save_file(tensors if tensors is not None else peft_tensors(src), str(dst / dm.PEFT_WEIGHTS))
+    cfg = {**json.loads((src / dp.PEFT_CONFIG).read_text()), **(config_changes or {})}
+    (dst / dp.PEFT_CONFIG).write_text(json.dumps(cfg))
+    save_file(tensors if tensors is not None else peft_tensors(src), str(dst / dp.PEFT_WEIGHTS))
     return dst
 
 
@@ -263,24 +264,24 @@ class Reducer:
 def test_adapter_model_bin_only_when_asked(plain_folder, tmp_path, monkeypatch, capsys):
     old = tmp_path / "old"
     old.mkdir()
-    (old / dm.PEFT_CONFIG).write_text((plain_folder / dm.PEFT_CONFIG).read_text())
-    torch.save(peft_tensors(plain_folder), old / dm.PEFT_PICKLE)
-    monkeypatch.delenv(dm.PEFT_BIN_ENV, raising=False)
+    (old / dp.PEFT_CONFIG).write_text((plain_folder / dp.PEFT_CONFIG).read_text())
+    torch.save(peft_tensors(plain_folder), old / dp.PEFT_PICKLE)
+    monkeypatch.delenv(dp.PEFT_BIN_ENV, raising=False)
     with pytest.raises(dm.DeltaError, match="a pickle; read with torch.load.weights_only=True.*--allow_bin"):
         dm.read_delta(old)
     want = dm.read_delta(plain_folder)[0]
     got, config, meta = dm.read_delta(old, allow_bin=True)
-    assert meta["peft_weights"] == dm.PEFT_PICKLE and got.keys() == want.keys()
+    assert meta["peft_weights"] == dp.PEFT_PICKLE and got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    monkeypatch.setenv(dm.PEFT_BIN_ENV, "1")  # for entry points that pass no allow_bin
+    monkeypatch.setenv(dp.PEFT_BIN_ENV, "1")  # for entry points that pass no allow_bin
     assert dm.read_delta(old)[1] == config
-    monkeypatch.delenv(dm.PEFT_BIN_ENV)
+    monkeypatch.delenv(dp.PEFT_BIN_ENV)
     assert run_convert("--from_peft", old, "--to", tmp_path / "no.safetensors") == 1
     assert "pickle" in capsys.readouterr().err and not (tmp_path / "no.safetensors").exists()
     assert run_convert("--from_peft", old, "--to", tmp_path / "yes.safetensors", "--allow_bin") == 0
     assert dm.read_delta(tmp_path / "yes.safetensors")[1] == config
     # code inside the pickle is refused, not run
-    with open(old / dm.PEFT_PICKLE, "wb") as f:
+    with open(old / dp.PEFT_PICKLE, "wb") as f:
         pickle.dump({"x": Reducer()}, f, protocol=2)  # torch.save's protocol
     with pytest.raises(dm.DeltaError, match="not readable as tensors with torch.load.weights_only=True"):
         dm.read_delta(old, allow_bin=True)
@@ -291,7 +292,7 @@ def test_help_states_why_bin_needs_the_option(capsys):
         convert_peft.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--allow_bin" in out and dm.PICKLE_REASON in out and "--from_peft" in out and "--to_peft" in out
+    assert "--allow_bin" in out and dp.PICKLE_REASON in out and "--from_peft" in out and "--to_peft" in out
 
 
 # --------------------------------------------------------------------------- config compatibility
@@ -364,7 +365,7 @@ def test_source_folders_list_peft_folders_too(plain_folder, tmp_path):
     before = L.file_sha256(root / "a")  # the checksum a run record keeps of its init
     t = peft_tensors(root / "a")
     t[next(iter(t))][0, 0] += 1
-    save_file(t, str(root / "a" / dm.PEFT_WEIGHTS))
+    save_file(t, str(root / "a" / dp.PEFT_WEIGHTS))
     assert L.file_sha256(root / "a") != before
 
 

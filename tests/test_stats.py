@@ -1,6 +1,5 @@
 """The report's statistics against computations written out by hand."""
 import itertools
-import math
 import statistics
 
 import numpy as np

@@ -43,7 +43,6 @@ def main(argv=None):
 def _run(a):
     from pewe import delta_scores as S
     from pewe import ensemble as E
-    from pewe import layout as L
     from pewe import weights as W
     from pewe.scores import check_temperature
 
