@@ -15,7 +15,8 @@ from pewe.atomic import atomic_write_text
 from pewe.data import first_prefix, read_tsv, split_path
 from pewe.layout import file_sha256, read_json
 from pewe.metrics import evaluate, majority_answer, metric_for
-from pewe.model import REPO, load_backbone, model_fingerprint, tokenizer_fingerprint
+from pewe.model import REPO, load_backbone, model_fingerprint, resolve_precision, tokenizer_fingerprint
+from pewe.pretrain import task_scores
 
 SHIPPED = REPO / "data" / "sources"  # data/sources/{method}/{task}/
 
@@ -50,15 +51,26 @@ def majority_score(task_dir, task) -> dict:
     return {"answer": answer, "metric": metric, "score": evaluate([answer] * len(answers), answers, metric)}
 
 
-def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task_dir=None) -> dict:
+def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task_dir=None,
+                 max_input_length=512) -> dict:
     """Copy every finished source run of the study folder ``work_dir`` into ``out_dir/{method}/{task}/``
-    (with its backbone's fingerprint and scores) and write ``out_dir/sources.json``. A shipped file
-    already equal to its run's best delta is left as it is. Returns {method: {task: entry}}."""
+    (with its backbone's fingerprint and scores) and write ``out_dir/sources.json``, which also gives
+    each task's majority-answer score and the bare backbone's own test score (what a delta has to add
+    to). A shipped file already equal to its run's best delta is left as it is. Returns {method:
+    {task: entry}}."""
     model, tokenizer = load_backbone(model_path, model_path)
     fingerprint, tok_fingerprint = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
     task_dir = Path(task_dir) if task_dir else Path(model_path).resolve().parent / "full"
     index = out_dir / "sources.json"
-    table = read_json(index, "sources index")["sources"] if index.is_file() else {}
+    old = read_json(index, "sources index") if index.is_file() else {}
+    table, bare = old.get("sources", {}), old.get("backbone_test", {})
+    todo = [t for t in tasks if t not in bare and any((work_dir / m / "sources" / t).is_dir() for m in methods)]
+    if todo:  # the bare backbone's greedy test score: a delta that only matches it has learned nothing
+        tests = {t: read_tsv(split_path(task_dir, t, first_prefix(task_dir, t), "test")) for t in todo}
+        device = next(model.parameters()).device
+        bare.update({t: score for t, (_, score) in task_scores(model, tokenizer, tests, device,
+                                                               resolve_precision("auto", device),
+                                                               max_input_length=max_input_length).items()})
     for method in methods:
         for task in tasks:
             src = work_dir / method / "sources" / task / "checkpoint-best.safetensors"
@@ -68,7 +80,7 @@ def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task
             run = read_json(src.parent / "runs" / meta["run"] / "result.json", "run result")
             dst = out_dir / method / task / "checkpoint-best.safetensors"
             entry = {"dev": run["dev_score"], "test": run["test_score"], "best_step": run["best_step"],
-                     "updates": run["updates"], "majority": majority_score(task_dir, task)}
+                     "updates": run["updates"], "majority": majority_score(task_dir, task), "backbone": bare[task]}
             if not (dst.is_file() and file_sha256(dst) == file_sha256(src)):
                 save_delta(dst, tensors, config, **{**meta, "base_model": repo_relative(model_path),
                                                     "base_model_sha256": fingerprint,
@@ -76,5 +88,5 @@ def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task
                                                     "test_score": run["test_score"], "updates": run["updates"]})
             table.setdefault(method, {})[task] = entry
     atomic_write_text(index, json.dumps({"backbone": repo_relative(model_path), "base_model_sha256": fingerprint,
-                                         "sources": table}, indent=1))
+                                         "backbone_test": bare, "sources": table}, indent=1))
     return table

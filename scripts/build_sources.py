@@ -78,8 +78,43 @@ def _run(a):
         if code:
             raise SystemExit(code)
     if "ship" in a.steps:
-        table = ship_sources(Path(a.work_dir), Path(a.out_dir), a.methods, a.tasks, a.model)
+        table = ship_sources(Path(a.work_dir), Path(a.out_dir), a.methods, a.tasks, a.model,
+                             max_input_length=a.max_input_length)
+        print(markdown_table(table, a.tasks))
         print(f"wrote {Path(a.out_dir) / 'sources.json'} ({sum(len(v) for v in table.values())} sources)")
+
+
+def markdown_table(table: dict, tasks) -> str:
+    """The shipped sources' test scores (x 100) against each task's majority answer and the bare
+    backbone's own score: docs/BACKBONE.md's table. ✓: more than 5 points above the majority answer;
+    ✓✓: above the bare backbone by as much too (the delta added a skill the backbone lacked)."""
+    methods = [m for m in ("adapter", "lora", "prefix") if m in table]
+    lines = ["| task | majority answer | bare backbone | " + " | ".join(f"{m} test (best at update)" for m in methods)
+             + " |", "|---|---|---|" + "---|" * len(methods)]
+    clear, added = {m: 0 for m in methods}, {m: 0 for m in methods}
+    for task in tasks:
+        entries = {m: table[m].get(task) for m in methods}
+        majority = next((e["majority"] for e in entries.values() if e), None)
+        if majority is None:
+            continue
+        cells = []
+        for m, e in entries.items():
+            if e is None:
+                cells.append("—")
+                continue
+            above_majority, above_bare = e["test"] - majority["score"] > 0.05, e["test"] - e["backbone"] > 0.05
+            clear[m] += above_majority
+            added[m] += above_majority and above_bare
+            mark = " ✓✓" if above_majority and above_bare else " ✓" if above_majority else ""
+            cells.append(f"{100 * e['test']:.1f} ({e['best_step']}){mark}")
+        bare = next(e["backbone"] for e in entries.values() if e)
+        lines.append(f"| {task} | {100 * majority['score']:.1f} (`{majority['answer']}`) | {100 * bare:.1f} | "
+                     + " | ".join(cells) + " |")
+    lines.append("| **clearly above the majority answer (> 5 points, ✓)** | | | "
+                 + " | ".join(f"**{clear[m]} of {sum(1 for t in tasks if table[m].get(t))}**" for m in methods) + " |")
+    lines.append("| **... and above the bare backbone by as much (✓✓)** | | | "
+                 + " | ".join(f"**{added[m]}**" for m in methods) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
