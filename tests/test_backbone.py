@@ -1,5 +1,4 @@
 """The embedded backbone's pretraining: word-order sensitivity and the position-bias learning rate."""
-import math
 
 import pytest
 import torch

@@ -85,6 +85,7 @@ def _run(a):
 
     from pewe import ensemble as E
     from pewe import layout as L
+    from pewe.data import list_tasks
     from pewe import weights as W
     from pewe.averaging import read_sources, write_averages, write_merges
     from pewe.inits import InitInputs, canonical_init_name, init_spec, parse_merge_options
@@ -97,8 +98,14 @@ def _run(a):
     spec = init_spec(name, parse_merge_options(merge_options(a)))
     fields = {"delta": a.delta, "metric": spec.score or "", "init": name}
     source_dir, save_dir = E.fill_path(a.source_ckpt_path, **fields), E.fill_path(a.save_ckpt_path, **fields)
-    tasks = E.find_tasks(a.origin_data_path, source_dir, a.task_list)
-    checkpoints = L.source_checkpoints(source_dir, tasks)
+    # leave-one-out over the pool: the sources that are also task folders of origin_data_path (their data is
+    # read for lorahub's loss and by the tuning that follows)
+    folders = set(list_tasks(a.origin_data_path))
+    checkpoints = {t: p for t, p in E.select_pool(source_dir, (), a.task_list).items() if t in folders}
+    tasks = list(checkpoints)
+    if len(tasks) < 2:
+        raise E.EnsembleError(f"{source_dir}: {len(tasks)} source delta(s) with a task folder in "
+                              f"{a.origin_data_path}; leave-one-out needs at least 2")
     scores, sim = {}, None
     if spec.score is not None:
         check_temperature(a.tem)
