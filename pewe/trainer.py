@@ -55,6 +55,7 @@ from pewe.model import autocast
 log = logging.getLogger("pewe")
 MICRO_BATCH = 16  # the original's largest per-step batch; larger batches are accumulated
 PRECISIONS = ("fp32", "bf16")
+AUTO_BATCH_RUNS_GPU = 16  # --batch_runs auto on a GPU
 _SENTINEL = re.compile(r"<extra_id_\d+>")
 
 
@@ -86,6 +87,21 @@ class TrainSettings:
                 raise UserError(f"{name} must be a positive finite number, not {value!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+
+
+def resolve_batch_runs(value, device) -> int:
+    """``--batch_runs``: how many runs train in lockstep. ``auto``: 1 on a CPU (a small step already
+    runs near its matmul peak there, docs/PERFORMANCE.md), 16 on a GPU (one run fills a few per cent
+    of it); a number >= 1 as given (1: one run at a time)."""
+    if str(value).strip().lower() == "auto":
+        return AUTO_BATCH_RUNS_GPU if torch.device(device).type == "cuda" else 1
+    try:
+        k = int(str(value))
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise UserError(f"--batch_runs must be auto or a whole number >= 1, not {value!r}")
+    return k
 
 
 def make_optimizer(params, lr):
@@ -181,6 +197,37 @@ def score_rows(model, tokenizer, rows, metric, settings, device, desc=None):
     preds = predict(model, tokenizer, rows, settings.predict_batch_size, settings.max_output_length, device,
                     settings.precision, desc=desc, progress=settings.progress)
     return evaluate(preds, [ex.answers for ex in rows.examples], metric), preds
+
+
+def score_deltas(model, tokenizer, items, settings, device, desc=None) -> list:
+    """(score, predictions) of each (delta, rows, metric) of ``items``, a delta being a checkpoint
+    file or a state dict. One item: loaded into the model and decoded as ``score_rows`` does;
+    several: stacked (``pewe.stacked``) and decoded together."""
+    if len(items) == 1:
+        (delta, rows, metric), = items
+        if isinstance(delta, dict):
+            load_delta_state(model, delta)
+        else:
+            load_delta(model, delta)
+        return [score_rows(model, tokenizer, rows, metric, settings, device, desc=desc)]
+    from pewe.stacked import StackedDeltas  # noqa: PLC0415
+
+    deltas = StackedDeltas(model, len(items))
+    for k, (delta, _, _) in enumerate(items):
+        if isinstance(delta, dict):
+            deltas.load_state(k, delta)
+        else:
+            deltas.load_file(k, delta)
+    preds = predict_runs(model, deltas, tokenizer, [(k, rows) for k, (_, rows, _) in enumerate(items)],
+                         settings.predict_batch_size, settings.max_output_length, device, settings.precision,
+                         desc=desc, progress=settings.progress)
+    return [(evaluate(p, [ex.answers for ex in rows.examples], metric), p) for p, (_, rows, metric) in zip(preds, items)]
+
+
+def groups_of(items, size: int) -> list:
+    """``items`` in consecutive groups of ``size`` (the last one smaller)."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
 # --------------------------------------------------------------------------- resume state
