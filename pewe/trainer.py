@@ -549,9 +549,13 @@ class _RunState:
             self.save(group)
         if self.stop or n >= s.train_iters:
             self.stop = True
-            if c["batch_in_epoch"] >= self.per_epoch:
-                c["epoch"] += 1
-                c["batch_in_epoch"] = 0
+            self.close_epoch()
+
+    def close_epoch(self):
+        """A run that leaves at the end of an epoch records the next one (as the loop always has)."""
+        if self.c["batch_in_epoch"] >= self.per_epoch:
+            self.c["epoch"] += 1
+            self.c["batch_in_epoch"] = 0
 
     def save(self, group):
         _write_resume(self.resume_path, group.state(self.k), group.optimizer_states(self.k), self.c)
@@ -619,10 +623,14 @@ def _train(group, tokenizer, todo, device):
     bar = tqdm(total=sum(st.s.train_iters for st in todo), initial=sum(st.c["num_updates"] for st in todo),
                desc=todo[0].meta.get("task", "train") if len(todo) == 1 else f"{len(todo)} runs",
                disable=not s.progress, dynamic_ncols=True)
-    active = [st for st in todo if st.c["num_updates"] < st.s.train_iters]
+    # a run killed between its last validation and its final write comes back stopped: it only finishes
+    active = [st for st in todo if st.c["num_updates"] < st.s.train_iters and not st.c.get("stopped_early")]
     micro = min(s.batch_size, MICRO_BATCH)
     pad_id = tokenizer.pad_token_id
     done = [st for st in todo if st not in active]
+    for st in done:
+        if st.c.get("stopped_early"):
+            st.close_epoch()
     while active:
         rows = [st.next_rows() for st in active]
         totals = [0.0] * len(active)
