@@ -122,6 +122,36 @@ def test_stacked_adafactor_and_clip_are_per_run(quiet_backbone):
                     assert close(mine[key], torch.as_tensor(theirs[key]), 1e-5), (k, i, key)
 
 
+@pytest.mark.parametrize("method", ["adapter", "prefix"])
+def test_the_similarity_engine_scores_stacked_sources_as_one_at_a_time(quiet_backbone, tiny_tasks, tmp_path, method):
+    """Four sources in groups of three (3 + 1): every forward score (logits and hidden states) as
+    from one source at a time; GraNd (taken one source at a time either way) identical."""
+    from pewe.similarity import ScoreOptions, SimilarityEngine
+
+    base, tok = load_backbone(quiet_backbone)
+    config = CONFIGS[method]
+    model = dm.attach_delta(base, config)
+    ckpts = {}
+    for i in range(5):
+        ckpts[f"s{i}"] = tmp_path / f"s{i}.safetensors"
+        g = torch.Generator().manual_seed(i)
+        dm.save_delta(ckpts[f"s{i}"], {n: torch.randn(p.shape, generator=g) * 0.05
+                                      for n, p in dm.delta_named_parameters(model)}, config)
+    ref = {"babi-qa1": ckpts.pop("s4")}
+    names = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", "block"]
+    options = ScoreOptions(num_batches=2, batch_size=4, grand_batches=2, max_output_length=8, quiet=True)
+    got = {k: SimilarityEngine(model, tok, "cpu", options, batch_sources=k).score_tasks(
+        ["babi-qa1"], tiny_tasks, ckpts, names, ref) for k in (1, 3)}
+    for name in names:
+        for group, table in got[1][name].items():
+            for source, value in table["babi-qa1"].items():
+                other = got[3][name][group]["babi-qa1"][source]
+                if name == "GraNd":
+                    assert other == value, (name, source)
+                else:
+                    assert other == pytest.approx(value, rel=1e-5, abs=1e-6), (name, group, source)
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 def rows(tok, tasks, task, split):

@@ -36,7 +36,7 @@ def step_similarity(bench, plan: StudyPlan, method):
         return
     options = plan.score_options(bench.precision)
     sources = study_sources(plan, method, bench.base)
-    engine = SimilarityEngine(bench.model, bench.tokenizer, bench.device, options)
+    engine = SimilarityEngine(bench.model, bench.tokenizer, bench.device, options, batch_sources=bench.batch_runs)
     for target in plan.targets:
         path = plan.part_path(method, target)
         record = part_record(engine, plan, target, sources)
