@@ -383,10 +383,12 @@ def omp_child(steps: int):
 
 
 def bench_omp(cfg):
-    """The same adapter step in fresh processes with libgomp's default wait policy (spin, then sleep)
-    and with OMP_WAIT_POLICY=PASSIVE: what a shared, loaded CPU does to the default."""
+    """The same adapter step in fresh processes with libgomp's default wait policy (spin, then sleep),
+    with OMP_WAIT_POLICY=PASSIVE (the entry points' default, pewe/__init__.py) and with ACTIVE (the
+    override for dedicated cores): what a shared, loaded CPU does to each."""
     envs = {"default": {**os.environ, "PEWE_BENCH_OMP_DEFAULT": "1"},
-            "passive": {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}}
+            "passive": {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+            "active": {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}}
     envs["default"].pop("OMP_WAIT_POLICY", None)
     times = {k: [] for k in envs}
     for r in range(cfg["omp_reps"]):
@@ -397,6 +399,7 @@ def bench_omp(cfg):
     note(f"OpenMP wait policy, mini adapter step, {torch.get_num_threads()} threads; median s/step: "
          + ", ".join(f"{k} {median(t):.3f}" for k, t in times.items()))
     figure("omp_default_over_passive_step_ratio", paired_ratio(times, "default", "passive"))
+    figure("omp_active_over_passive_step_ratio", paired_ratio(times, "active", "passive"))
 
 
 # --------------------------------------------------------------------------- main
