@@ -54,8 +54,10 @@ from pewe.model import autocast
 
 log = logging.getLogger("pewe")
 MICRO_BATCH = 16  # the original's largest per-step batch; larger batches are accumulated
+MAX_FORWARD_ROWS = 256  # rows of one lockstep training forward; more runs' rows go into several forwards
 PRECISIONS = ("fp32", "bf16")
 AUTO_BATCH_RUNS_GPU = 16  # --batch_runs auto on a GPU
+DECODE_RUNS_GPU = 16  # on a GPU a generate call holds predict_batch_size rows of up to this many runs
 _SENTINEL = re.compile(r"<extra_id_\d+>")
 
 
@@ -165,30 +167,51 @@ def concat_batches(parts, pad_id: int) -> dict:
             "index": [i for b in parts for i in b["index"]]}
 
 
+def decode_rows(settings: TrainSettings, device, runs: int) -> int:
+    """Rows per generate call when ``runs`` runs are decoded together: on a CPU one run's
+    ``predict_batch_size`` (larger batches cost more per row there: docs/PERFORMANCE.md), on a GPU
+    ``predict_batch_size`` of each of up to ``DECODE_RUNS_GPU`` runs."""
+    if torch.device(device).type == "cuda":
+        return settings.predict_batch_size * max(1, min(runs, DECODE_RUNS_GPU))
+    return settings.predict_batch_size
+
+
 @torch.no_grad()
 def predict_runs(model, deltas, tokenizer, items, batch_size, max_output_length, device, precision="fp32",
-                 desc=None, progress=False) -> list:
+                 desc=None, progress=False, max_rows=None) -> list:
     """Greedy decoding of several runs' rows together: ``items`` is [(run k of ``deltas``, rows)].
-    Batch b holds rows [b * batch_size, (b + 1) * batch_size) of every run, block after block, each
-    row decoded with its own run's delta (``pewe.stacked``). One list of strings per item."""
+    The runs advance together: rows [b * batch_size, (b + 1) * batch_size) of every run, then the
+    next b; these are cut into generate calls of at most ``max_rows`` rows (default: one batch of
+    every run), each call's rows block by block per run, each row decoded with its own run's delta
+    (``pewe.stacked``). One list of strings per item."""
     model.eval()
+    order = []  # (item, row) in decoding order
+    most = max(math.ceil(len(rows.input_ids) / batch_size) for _, rows in items)
+    for b in range(most):
+        for i, (_, rows) in enumerate(items):
+            order += [(i, r) for r in range(b * batch_size, min(len(rows.input_ids), (b + 1) * batch_size))]
+    max_rows = max_rows or batch_size * len(items)
     out = [[] for _ in items]
-    total = max(math.ceil(len(rows.input_ids) / batch_size) for _, rows in items)
-    for b in tqdm(range(total), desc=desc or "predict", disable=not progress, leave=False):
-        parts = [(i, k, collate(rows, list(range(b * batch_size, min(len(rows.input_ids), (b + 1) * batch_size))),
-                                tokenizer.pad_token_id))
-                 for i, (k, rows) in enumerate(items) if b * batch_size < len(rows.input_ids)]
-        batch = concat_batches([mb for _, _, mb in parts], tokenizer.pad_token_id)
-        sizes = [len(mb["index"]) for _, _, mb in parts]
-        with deltas.rows([k for _, k, _ in parts], sizes), autocast(device, precision):
+    for start in tqdm(range(0, len(order), max_rows), desc=desc or "predict", disable=not progress, leave=False):
+        chunk = order[start:start + max_rows]
+        blocks = []  # (item, its row indices) of each run's contiguous rows in this call
+        for i, r in chunk:
+            if blocks and blocks[-1][0] == i:
+                blocks[-1][1].append(r)
+            else:
+                blocks.append((i, [r]))
+        parts = [collate(items[i][1], rows, tokenizer.pad_token_id) for i, rows in blocks]
+        batch = concat_batches(parts, tokenizer.pad_token_id)
+        sizes = [len(rows) for _, rows in blocks]
+        with deltas.rows([items[i][0] for i, _ in blocks], sizes), autocast(device, precision):
             ids = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device),
                                  max_new_tokens=max_output_length, num_beams=1, do_sample=False)
         texts = _texts(tokenizer, ids)
-        start = 0
-        for (i, _, _), size in zip(parts, sizes):
-            out[i].extend(texts[start:start + size])
-            start += size
+        at = 0
+        for (i, _), size in zip(blocks, sizes):
+            out[i].extend(texts[at:at + size])
+            at += size
     return out
 
 
@@ -220,7 +243,7 @@ def score_deltas(model, tokenizer, items, settings, device, desc=None) -> list:
             deltas.load_file(k, delta)
     preds = predict_runs(model, deltas, tokenizer, [(k, rows) for k, (_, rows, _) in enumerate(items)],
                          settings.predict_batch_size, settings.max_output_length, device, settings.precision,
-                         desc=desc, progress=settings.progress)
+                         desc=desc, progress=settings.progress, max_rows=decode_rows(settings, device, len(items)))
     return [(evaluate(p, [ex.answers for ex in rows.examples], metric), p) for p, (_, rows, metric) in zip(preds, items)]
 
 
@@ -420,7 +443,7 @@ class _StackedRuns:
     def predict(self, tokenizer, items, settings, device, desc) -> list:
         return predict_runs(self.model, self.deltas, tokenizer, items, settings.predict_batch_size,
                             settings.max_output_length, device, settings.precision, desc=desc,
-                            progress=settings.progress)
+                            progress=settings.progress, max_rows=decode_rows(settings, device, len(items)))
 
 
 # --------------------------------------------------------------------------- training
@@ -613,6 +636,19 @@ def train_runs(model, tokenizer, runs, device) -> list:
     return [st.c for st in states]
 
 
+def _forward_chunks(sizes) -> list:
+    """(start, end) of consecutive parts whose rows add up to at most ``MAX_FORWARD_ROWS`` (a part is
+    never split: each run's gradient still comes from its whole micro-batch)."""
+    chunks, start, rows = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and rows + n > MAX_FORWARD_ROWS:
+            chunks.append((start, i))
+            start, rows = i, 0
+        rows += n
+    chunks.append((start, len(sizes)))
+    return chunks
+
+
 def _train(group, tokenizer, todo, device):
     model, s = group.model, todo[0].s
     need = [st for st in todo if "0" in st.budgets and "0" not in st.c["budget_scores"]]
@@ -641,8 +677,9 @@ def _train(group, tokenizer, todo, device):
                 if chunk:
                     parts.append((st.k, collate(st.run.train_rows, chunk, pad_id), len(chunk) / len(r)))
                     where.append(i)
-            for i, value in zip(where, group.forward_backward(parts, device, s.precision, pad_id)):
-                totals[i] += value
+            for lo, hi in _forward_chunks([len(mb["index"]) for _, mb, _ in parts]):  # many runs: several forwards
+                for i, value in zip(where[lo:hi], group.forward_backward(parts[lo:hi], device, s.precision, pad_id)):
+                    totals[i] += value
         for st, total in zip(active, totals):
             if not math.isfinite(total):  # a NaN would reach every parameter and be saved as the best delta
                 raise UserError(f"{st.out_dir}: update {st.c['num_updates'] + 1}: the training loss is {total} "

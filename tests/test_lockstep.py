@@ -195,9 +195,11 @@ def assert_same_runs(alone, together, dir_a, dir_b):
             {k: v for k, v in meta_b.items() if k != "tensors_sha256"}
 
 
-@pytest.mark.parametrize("method,micro", [("adapter", 16), ("lora", 16), ("prefix", 16), ("lora", 4)])
-def test_lockstep_equals_one_at_a_time(quiet_backbone, tiny_tasks, tmp_path, monkeypatch, method, micro):
+@pytest.mark.parametrize("method,micro,rows", [("adapter", 16, 256), ("lora", 16, 256), ("prefix", 16, 256),
+                                               ("lora", 4, 256), ("adapter", 16, 16)])
+def test_lockstep_equals_one_at_a_time(quiet_backbone, tiny_tasks, tmp_path, monkeypatch, method, micro, rows):
     monkeypatch.setattr(trainer, "MICRO_BATCH", micro)  # 4: each update of 8 rows is two micro-batches
+    monkeypatch.setattr(trainer, "MAX_FORWARD_ROWS", rows)  # 16: the four runs' rows in two forwards
     base, tok = load_backbone(quiet_backbone)
     config = CONFIGS[method]
     model = dm.attach_delta(copy.deepcopy(base), config)
