@@ -375,3 +375,16 @@ def test_a_bad_batch_runs_is_one_line(tiny_tasks, tmp_path, capsys, value):
                            "--source_task_dir", str(tiny_tasks), "--batch_runs", value]) == 1
     err = capsys.readouterr().err
     assert f"--batch_runs must be auto or a whole number >= 1, not '{value}'" in err and "Traceback" not in err
+
+
+def test_the_gpu_benchmark_runs_as_a_smoke_test_on_the_cpu():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_batched_runs.py"), "--device", "cpu", "--tiny",
+                           "--methods", "lora", "--ks", "1", "3", "--precision", "fp32"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    figures = dict(line.split(": ") for line in proc.stdout.splitlines() if line and not line.startswith("#"))
+    for name in ("lora_k1_runs_per_s", "lora_k3_runs_per_s", "lora_k3_runs_per_s_speedup", "lora_k3_train_speedup",
+                 "lora_k3_decode_speedup", "lora_k3_mfu_of_measured_peak"):
+        assert float(figures[name]) > 0, name
