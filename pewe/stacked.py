@@ -84,15 +84,16 @@ class StackedDeltas:
     def load_state(self, k, tensors: dict, where="delta"):
         """Copy a delta state into run k (checked as ``load_delta_state`` checks it)."""
         load_delta_state(self.model, tensors, where=where)
-        self._take_from_model(k)
+        self.copy_from_model(k)
 
     def load_file(self, k, path) -> dict:
         """Load a delta checkpoint into run k (checked as ``load_delta`` checks it); its meta."""
         meta = load_delta(self.model, path)
-        self._take_from_model(k)
+        self.copy_from_model(k)
         return meta
 
-    def _take_from_model(self, k):
+    def copy_from_model(self, k):
+        """Run k takes the delta the model itself carries."""
         with torch.no_grad():
             for n, p in delta_named_parameters(self.model):
                 self.params[n][k].copy_(p)

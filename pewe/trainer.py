@@ -399,7 +399,7 @@ class _StackedRuns:
         self.model = model
         self.deltas = StackedDeltas(model, len(runs))
         for k in range(len(runs)):
-            self.deltas.load_state(k, delta_state_dict(model), where="the model's delta")
+            self.deltas.copy_from_model(k)
         self.optimizer = StackedAdafactor(self.deltas.parameters(), [r.settings.learning_rate for r in runs])
 
     def load_state(self, k, tensors, where):
