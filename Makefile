@@ -22,14 +22,12 @@ backbone: $(BACKBONE)
 $(BACKBONE): | $(STAMP)
 	$(BIN)/python scripts/pretrain_backbone.py
 
-# A reduced study (run_study.py): 3 bundled bAbI tasks, adapters, random / average / Loss-weighted
-# inits, 2 seeds, short budgets. The full study is `python run_study.py` (see README).
-DEMO_FLAGS := --output_dir runs/demo --tasks babi-qa1 babi-qa2 babi-qa6 --inits average --scores Loss \
-	--seeds 42 43 --step_budgets 0 25 50 100 --source_train_iters 200 --target_train_iters 100 \
-	--valid_interval 100 --log_interval 100 --early_stop 0 --max_output_length 8
-
-demo: $(BACKBONE)
-	$(BIN)/python run_study.py $(DEMO_FLAGS)
+# A reduced study (scripts/demo.sh): the shipped LoRA sources as the pool; two planted targets (the
+# positive control) and two real ones, each from random init, the plain average and the Loss-weighted
+# average, three seeds; two shards in parallel, then the report's answer. The full study is
+# `python run_study.py` (see README).
+demo: $(STAMP) $(BACKBONE)
+	PYTHON=$(abspath $(BIN))/python bash scripts/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -33,12 +33,13 @@ tasks = list(STUDY_TASKS)  # the study's tasks: each is a source and, leaving it
 targets = []  # do the per-target steps only for these tasks (default: every task)
 shard = ""  # "i/n": the per-target steps (random similarity ensemble targets) for every n-th target from i
 source_shard = ""  # "i/n": the sources step tunes every n-th source from i
-source_dir = "auto"  # reuse these source deltas ({task}/checkpoint-best*; "{method}" is replaced); auto: the shipped data/sources/{method} on the embedded backbone; "": tune them here
+source_dir = "auto"  # reuse these source deltas ({task}/checkpoint-best* or {task}/ peft LoRA folders; "{method}" is replaced); auto: the shipped data/sources/{method} on the embedded backbone; "": tune them here
 source_task_dir = str(REPO / "data" / "full")  # the sources' data: CrossFit task folders (full splits)
 target_task_dir = str(REPO / "data" / "fewshot")  # the targets' data: CrossFit task folders (few-shot splits)
 model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
-inits = ["average", "manual"]  # baseline initialisations besides random: average (all other sources), manual (group)
+inits = ["average", "manual"]  # initialisations besides random and the scores': average, manual, and the peers' NAME or NAME=SCORE (SCORE among --scores): task_arithmetic ties dare_linear dare_ties lora_exact topk=S lorahub lorahub_from=S (pewe/inits.py)
+merge_options = []  # name=value parameters of the peers' combinations (pewe.inits.MERGE_OPTIONS: lambda=1 ties_density=0.2 dare_drop=0.8 topk_k=3 lorahub_budget=40 lorahub_bound=1.5 lorahub_l1=0.05 ...)
 groups = []  # manual groups ("a b c" each); default task_list.BUNDLED_GROUPS and the paper's QA_groups, restricted to the tasks
 scores = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels", "GraNd", "Cosine", "Euclidean",
           "Performance"]  # one softmax init per score (every score of the paper)
@@ -67,6 +68,8 @@ adapter_type = "houlsby"  # houlsby (swish, after attention and FFN) or pfeiffer
 adapter_size = 12  # adapter bottleneck width
 lora_r = 10  # LoRA rank
 lora_alpha = 16  # LoRA scale numerator (scale = alpha / r)
+lora_targets = ["q", "v"]  # T5 Linear layers LoRA wraps: any of q k v o (every attention), wi wi_0 wi_1 wo (every FFN)
+lora_rslora = False  # LoRA scale alpha / sqrt(r) (rank-stabilised, peft's use_rslora) instead of alpha / r
 prefix_num = 120  # number of prefix vectors per stack
 prefix_r = 24  # width of the prefix MLP
 device = "auto"  # auto (cuda if available), cpu or cuda

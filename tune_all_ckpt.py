@@ -34,6 +34,8 @@ adapter_size = 12  # adapter bottleneck width
 apply_lora = False  # the original's flag for tune_method lora
 lora_r = 10  # LoRA rank
 lora_alpha = 16  # LoRA scale numerator (scale = alpha / r)
+lora_targets = ["q", "v"]  # T5 Linear layers LoRA wraps: any of q k v o (every attention), wi wi_0 wi_1 wo (every FFN)
+lora_rslora = False  # LoRA scale alpha / sqrt(r) (rank-stabilised, peft's use_rslora) instead of alpha / r
 apply_prefix = False  # the original's flag for tune_method prefix
 prefix_num = 120  # number of prefix vectors per stack
 prefix_r = 24  # width of the prefix MLP

@@ -20,7 +20,7 @@ model = str(DEFAULT_MODEL)  # backbone: a Hugging Face T5 name or a local folder
 tokenizer_path = str(DEFAULT_MODEL)  # tokenizer: a Hugging Face name or a local folder
 do_train = False  # train a delta on each task's train split, validating on dev
 do_predict = False  # predict the test split with the best (or --test_checkpoint) delta
-train_checkpoint = ""  # initialise from DIR/without_{task}_checkpoint.safetensors (or one file; "" = random)
+train_checkpoint = ""  # initialise from DIR/without_{task}_checkpoint.safetensors (or one file or peft folder; "" = random)
 test_checkpoint = ""  # evaluate this delta (a file, or a folder with {task}/checkpoint-best*; "" = the run's best)
 tune_method = "adapter"  # adapter, lora or prefix
 apply_adapter = False  # the original's flag for tune_method adapter
@@ -29,6 +29,8 @@ adapter_size = 12  # adapter bottleneck width
 apply_lora = False  # the original's flag for tune_method lora
 lora_r = 10  # LoRA rank
 lora_alpha = 16  # LoRA scale numerator (scale = alpha / r)
+lora_targets = ["q", "v"]  # T5 Linear layers LoRA wraps: any of q k v o (every attention), wi wi_0 wi_1 wo (every FFN)
+lora_rslora = False  # LoRA scale alpha / sqrt(r) (rank-stabilised, peft's use_rslora) instead of alpha / r
 apply_prefix = False  # the original's flag for tune_method prefix
 prefix_num = 120  # number of prefix vectors per stack
 prefix_r = 24  # width of the prefix MLP

@@ -7,11 +7,15 @@
 - ``write_averages``: ``without_{target}_checkpoint.safetensors`` (+ .json: the weights, the sources
   and how the weights were made) for every target, which ``tune_hps_singletask.py --train_checkpoint
   DIR`` picks up; the sources may be the same for every target or differ per target (the
-  Performance score averages each source delta after its short tuning on that target).
+  Performance score averages each source delta after its short tuning on that target);
+- ``write_merges``: the same files for an initialisation that merges the deltas by a rule of its own
+  (``pewe.inits.InitSpec.combine``: TIES, DARE, the exact LoRA product) instead of summing them: a
+  merge is not a running sum, so each target's sources are in memory at once (n deltas).
 """
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -151,6 +155,14 @@ def weighted_averages(weights: dict, checkpoints: dict, expect_method=None, max_
         start += len(group)
 
 
+def read_sources(paths, expect_method=None):
+    """``(list of {key: tensor}, config)`` of every source, all in memory, checked as ``check_sources``."""
+    deltas, config = [], None
+    for tensors, config in _checked_sources(paths, expect_method):
+        deltas.append(tensors)
+    return deltas, config
+
+
 def check_sources(paths, expect_method=None):
     """Read every source once and refuse a mix of methods, configs or tensors, before anything is
     written; returns the common config."""
@@ -192,5 +204,36 @@ def write_averages(save_dir, weights: dict, checkpoints: dict, meta, expect_meth
         extra = meta(target) if callable(meta) else meta
         save_delta(path, tensors, config, task=target, weights=weights[target],
                    sources={s: str(Path(used[target][s]).resolve()) for s in weights[target]}, **extra)
+        written.append(path)
+    return written
+
+
+def write_merges(save_dir, weights: dict, checkpoints: dict, meta, combine, rng_for, expect_method=None,
+                 on_sources=None) -> list:
+    """For every target of ``weights`` ({target: {source: w}}): read its sources, merge them with
+    ``combine(deltas, weights, config, rng_for(target))`` and write ``without_{target}_checkpoint``
+    (the sidecar: ``meta`` as in ``write_averages``, its ``compute_seconds`` plus the time of this
+    reading and merging). ``on_sources(target, deltas, weights, config)`` may add sidecar fields
+    computed from the loaded sources. Every source is checked before anything is written."""
+    used = per_target(checkpoints, weights)
+    for target, w in weights.items():
+        _check_weights(target, w, used[target])
+    check_sources([used[t][s] for t, w in weights.items() for s in w], expect_method)
+    written = []
+    for target, w in weights.items():
+        start = time.perf_counter()
+        names = list(w)
+        deltas, config = read_sources([used[target][s] for s in names], expect_method)
+        ws = [float(w[s]) for s in names]
+        merged = combine(deltas, ws, config, rng_for(target))
+        seconds = time.perf_counter() - start
+        extra = dict(meta(target) if callable(meta) else meta)
+        extra["compute_seconds"] = extra.get("compute_seconds", 0.0) + seconds
+        if on_sources is not None:
+            extra.update(on_sources(target, deltas, ws, config))
+        del deltas
+        path = init_path(save_dir, target)
+        save_delta(path, merged, config, task=target, weights=w,
+                   sources={s: str(Path(used[target][s]).resolve()) for s in w}, **extra)
         written.append(path)
     return written

@@ -5,7 +5,8 @@
   the record of what decides the run's result (``claim_run``), which a resume or a skip must match.
 - a JSON file any step reads back (``result.json``, ``scores.json``, a similarity part): ``read_json``.
 - a folder of source deltas (a tune_hps_singletask.py output_dir): ``{task}/checkpoint-best.safetensors``,
-  listed by ``source_checkpoints``; one checkpoint found by ``find_checkpoint``.
+  or ``{task}/`` a peft LoRA folder (``adapter_config.json`` + weights: a hub collection), listed by
+  ``source_checkpoints``; one checkpoint found by ``find_checkpoint``.
 - an averaged-delta folder (a unit_model script's or the study's ``init/{init}``): one
   ``without_{task}_checkpoint.safetensors`` (+ .json) per target, ``init_path`` / ``init_checkpoint_for``.
 - a tuning output folder's ``result.tsv``: ``task,dev_score,test_score`` per run, rebuilt from the
@@ -29,7 +30,7 @@ from pathlib import Path
 from pewe.atomic import atomic_write_text
 from pewe.data import DataError, text_lines
 from pewe.errors import UserError
-from delta_modules import DeltaError
+from delta_modules import PEFT_CONFIG, DeltaError, is_peft_folder, peft_weights_path
 
 SOURCE_PATTERN = "checkpoint-best*.safetensors"
 INIT_PATTERN = "without_{task}_checkpoint.safetensors"
@@ -39,6 +40,14 @@ MAY_DIFFER = ("train_iters", "model_name")
 
 
 def file_sha256(path) -> str:
+    """The checksum of a file, or of a peft adapter folder (its config and weights file together:
+    what a run record needs to know that the delta it started from has not changed)."""
+    if is_peft_folder(path):
+        h = hashlib.sha256()
+        for part in (Path(path) / PEFT_CONFIG, peft_weights_path(path)):
+            if part is not None:
+                h.update(f"{part.name}\0{file_sha256(part)}\0".encode())
+        return h.hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -131,11 +140,16 @@ def run_name(prefix, learning_rate, batch_size) -> str:
 # --------------------------------------------------------------------------- delta folders
 
 def find_checkpoint(path, pattern=SOURCE_PATTERN) -> Path:
-    """A delta file: ``path`` itself, or the single file matching ``pattern`` inside the folder."""
+    """A delta: ``path`` itself (a file, or a peft adapter folder), or the single file matching
+    ``pattern`` inside the folder."""
     path = Path(path)
     if path.is_file():
         return path
     hits = sorted(path.glob(pattern)) if path.is_dir() else []
+    if is_peft_folder(path):
+        if hits:  # which one would be the delta is not ours to guess
+            raise DeltaError(f"{path}: holds both a peft adapter ({PEFT_CONFIG}) and {hits[0].name}; keep one")
+        return path
     if not hits:
         raise DeltaError(f"{path}: no delta checkpoint matching {pattern}")
     if len(hits) > 1:
@@ -143,18 +157,27 @@ def find_checkpoint(path, pattern=SOURCE_PATTERN) -> Path:
     return hits[0]
 
 
+def has_source_delta(folder) -> bool:
+    """Whether ``folder`` is a source of a folder of source deltas: it holds a
+    ``checkpoint-best*.safetensors`` or is a peft adapter folder."""
+    folder = Path(folder)
+    return folder.is_dir() and (is_peft_folder(folder) or any(folder.glob(SOURCE_PATTERN)))
+
+
 def source_checkpoints(root, names=()) -> dict:
     """``{task: delta path}`` of a folder of source deltas: the named tasks (each must have one), or
-    every subfolder holding a ``checkpoint-best*.safetensors``, sorted by name."""
+    every subfolder holding a ``checkpoint-best*.safetensors`` or being a peft adapter folder (then
+    the path is that folder), sorted by name."""
     root = Path(root)
     if not root.is_dir():
-        raise DeltaError(f"{root}: no such folder of source deltas ({{task}}/{SOURCE_PATTERN})")
+        raise DeltaError(f"{root}: no such folder of source deltas "
+                         f"({{task}}/{SOURCE_PATTERN} or {{task}}/{PEFT_CONFIG})")
     if names:
         return {str(n): find_checkpoint(root / str(n)) for n in names}
-    found = {d.name: find_checkpoint(d) for d in sorted(root.iterdir()) if d.is_dir() and any(d.glob(SOURCE_PATTERN))}
+    found = {d.name: find_checkpoint(d) for d in sorted(root.iterdir()) if has_source_delta(d)}
     if not found:
-        raise DeltaError(f"{root}: no source deltas ({{task}}/{SOURCE_PATTERN}); train them with "
-                         f"tune_hps_singletask.py --output_dir {root}")
+        raise DeltaError(f"{root}: no source deltas ({{task}}/{SOURCE_PATTERN}, or {{task}}/ peft adapter folders); "
+                         f"train them with tune_hps_singletask.py --output_dir {root}")
     return found
 
 
@@ -164,21 +187,24 @@ def init_path(init_dir, task) -> Path:
 
 
 def init_checkpoint_for(path, task):
-    """``--train_checkpoint``: a single delta file, or a folder holding ``without_{task}_checkpoint.safetensors``
-    (the name matched literally: a task named ``t[1]`` must not pick ``t1``'s average)."""
+    """``--train_checkpoint``: a single delta file or peft adapter folder (the same for every task), or
+    a folder holding ``without_{task}_checkpoint.safetensors`` (the name matched literally: a task named
+    ``t[1]`` must not pick ``t1``'s average) or, failing that, a peft adapter folder ``{task}/``."""
     if path is None or str(path) == "":
         return None
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_peft_folder(path):
         return path
     found = init_path(path, task)
+    if not found.is_file() and is_peft_folder(path / task):
+        return path / task
     if not found.is_file():
         raise DeltaError(f"{path}: no delta checkpoint matching {found.name} (the initialisation of {task})")
     return found
 
 
 def test_checkpoint_for(path, task) -> Path:
-    """``--test_checkpoint``: a delta file, a task folder, or a folder holding ``{task}/``."""
+    """``--test_checkpoint``: a delta file, a task folder, a peft adapter folder, or a folder holding ``{task}/``."""
     path = Path(path)
     if path.is_dir() and (path / task).is_dir():
         return find_checkpoint(path / task)

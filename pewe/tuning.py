@@ -30,6 +30,7 @@ from pewe.trainer import (Run, TrainSettings, can_extend, groups_of, resolve_bat
 
 log = logging.getLogger("pewe")
 DELTA_FIELDS = ("adapter_type", "adapter_size", "lora_r", "lora_alpha", "prefix_num", "prefix_r")
+OPTIONAL_DELTA_FIELDS = ("lora_targets", "lora_rslora")  # the DeltaConfig default where a script lacks the option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,8 @@ def run_record(model, tokenizer, settings: TrainSettings, text: TextOptions, dat
 
 def delta_config_of(method, options) -> DeltaConfig:
     """The DeltaConfig of ``method`` with the sizes an entry script's options give."""
-    return DeltaConfig(method, **{f: getattr(options, f) for f in DELTA_FIELDS})
+    optional = {f: getattr(options, f) for f in OPTIONAL_DELTA_FIELDS if hasattr(options, f)}
+    return DeltaConfig(method, **{f: getattr(options, f) for f in DELTA_FIELDS}, **optional)
 
 
 def delta_config_from_args(a) -> DeltaConfig:

@@ -22,20 +22,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pewe.model import DEFAULT_MODEL, REPO  # noqa: E402
 from task_list import STUDY_TASKS  # noqa: E402
 
-methods = ["adapter", "lora", "prefix"]  # delta methods to build (their default sizes, as the study's)
+methods = ["lora", "adapter", "prefix"]  # delta methods to build, in this order (their default sizes, as the study's)
 tasks = list(STUDY_TASKS)  # source tasks (the study's tasks on the embedded backbone)
 steps = ["train", "ship"]  # train (tune the sources) and / or ship (copy them into out_dir)
 shard = ""  # "i/n": this process trains every n-th task from i (run n processes, then --steps ship)
 work_dir = str(REPO / "runs" / "sources_build")  # the study's output folder for the source runs
 out_dir = str(REPO / "data" / "sources")  # where the shipped deltas and sources.json go
 model = str(DEFAULT_MODEL)  # backbone the sources are tuned on
-train_iters = 3000  # most updates per source (early stopping may end a run sooner)
+train_iters = ["lora=3000", "adapter=2000", "prefix=2000"]  # updates per source, per method (docs/BACKBONE.md)
 valid_interval = 250  # validate on the full dev split every this many updates (200 rows: a validation costs about 25 updates)
-early_stop = 4  # stop after this many validations without gain (1,000 updates, as the study's 10 x 100)
+early_stop = 0  # stop after this many validations without gain (0: never; LoRA sits on a plateau for 1,000 updates)
 learning_rate = 5e-4  # Adafactor learning rate (the study's)
 batch_size = 8  # batch size (the study's)
 seed = 42  # seed of the source deltas (the study's source_seed)
-max_input_length = 256  # input tokens kept (the backbone was pretrained on 128; bAbI keeps the question, cut from the left)
+max_input_length = 128  # input tokens kept: the backbone's pretraining length (bAbI is cut from the left, keeping the question)
 device = "auto"  # auto, cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
 progress = True  # progress bars
@@ -57,11 +57,20 @@ def _run(a):
     unknown = [s for s in a.steps if s not in ("train", "ship")]
     if unknown:
         raise UserError(f"--steps: unknown step(s) {', '.join(unknown)}; expected train and / or ship")
-    if "train" in a.steps:
-        code = run_study.main(["--steps", "sources", "--methods", *a.methods, "--tasks", *a.tasks,
+    budgets = {}
+    for item in a.train_iters:
+        method, eq, iters = str(item).partition("=")
+        if not eq or not iters.isdigit():
+            raise UserError(f"--train_iters: {item!r} is not method=updates")
+        budgets[method] = int(iters)
+    missing = [m for m in a.methods if m not in budgets]
+    if missing:
+        raise UserError(f"--train_iters: no budget for {', '.join(missing)}")
+    for method in a.methods if "train" in a.steps else ():
+        code = run_study.main(["--steps", "sources", "--methods", method, "--tasks", *a.tasks,
                                "--source_shard", a.shard, "--source_dir", "", "--output_dir", a.work_dir,
                                "--model", a.model, "--tokenizer_path", a.model,
-                               "--source_train_iters", str(a.train_iters), "--valid_interval", str(a.valid_interval),
+                               "--source_train_iters", str(budgets[method]), "--valid_interval", str(a.valid_interval),
                                "--early_stop", str(a.early_stop), "--learning_rate", str(a.learning_rate),
                                "--batch_size", str(a.batch_size), "--source_seed", str(a.seed), "--device", a.device,
                                "--max_input_length", str(a.max_input_length),

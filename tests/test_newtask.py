@@ -168,3 +168,12 @@ def test_the_study_takes_targets_outside_its_pool(tiny_backbone, tiny_tasks, poo
     _, _, meta = dm.read_delta(out / "lora" / "init" / "average" / "without_babi-qa1_checkpoint.safetensors")
     assert meta["weights"] == {"csqa2": 1.0}
     assert not (out / "lora" / "sources").exists()  # the pool is reused, not tuned
+
+
+def test_the_study_refuses_sources_of_another_config(tiny_backbone, tiny_tasks, pool, tmp_path, capsys):
+    argv = ["--model", tiny_backbone, "--tokenizer_path", tiny_backbone, "--tasks", *POOL, "--source_dir", pool,
+            "--target_task_dir", tiny_tasks, "--output_dir", tmp_path / "o", "--methods", "lora", "--lora_r", "3",
+            "--seeds", "42", "--scores", "Loss", "--inits", "average", "--steps", "sources", *FAST]
+    assert run_study.main(list(map(str, argv))) == 1
+    line = one_error(capsys)
+    assert "does not match this run's" in line and "--source_dir '' tunes sources" in line

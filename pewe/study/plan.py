@@ -24,7 +24,7 @@ from pathlib import Path
 from delta_modules import DeltaConfig
 from pewe.data import TextOptions, check_task_names, list_tasks
 from pewe.errors import UserError
-from pewe.inits import INITS, init_spec
+from pewe.inits import INITS, canonical_init_name, init_spec, parse_init_name, parse_merge_options
 from pewe.layout import init_path, shard_of
 from pewe.model import DEFAULT_MODEL
 from pewe.scores import DEFAULT_TEMPERATURES, STUDY_SCORES
@@ -94,7 +94,7 @@ class StudyPlan:
     seeds: tuple
     budgets: tuple  # update counts at which the targets' dev score is also recorded
     scores: tuple
-    baselines: tuple  # the score-free initialisations asked for (average, manual)
+    baselines: tuple  # --inits: average, manual and the peers' combinations asked for (ties=Loss, lorahub, ...)
     groups: dict  # {group: members}: the manual division restricted to the tasks
     temperatures: dict  # {score: T in its unit}
     per_token: bool  # temperatures of summed scores are per label token (GraNd: per batch)
@@ -119,6 +119,7 @@ class StudyPlan:
     pair_valid_interval: int
     progress: bool
     overwrite: bool  # redo every run, pair, part and initial delta of the steps asked for
+    merge_options: dict = dataclasses.field(default_factory=dict)  # the peers' combinations' parameters (--merge_options)
     batch_runs: str = "auto"  # runs per lockstep group (pewe.trainer.resolve_batch_runs); not part of any record
 
     @property
@@ -178,6 +179,33 @@ def resolve_source_dir(a, methods, tasks) -> str:
     return str(SHIPPED / "{method}") if shipped and embedded else ""
 
 
+# ----------------------------------------------------------------------- --inits (the peers' combinations)
+
+def parse_inits(a, scores, methods) -> tuple:
+    """(initialisation names, merge options) from ``--inits`` and ``--merge_options``: the baselines
+    (average, manual) and the peers' combinations of ``pewe.inits`` (NAME or NAME=SCORE; the score
+    must be among ``--scores``, whose similarity step computes it; lora_exact needs LoRA deltas)."""
+    try:
+        options = parse_merge_options(getattr(a, "merge_options", None) or [])
+        inits = []
+        for item in a.inits:
+            base, score = parse_init_name(item)
+            if base in STUDY_SCORES or base == "block":
+                raise StudyError(f"--inits: {item} is a score; score initialisations come from --scores")
+            if score is not None and score not in scores:
+                raise StudyError(f"--inits {item}: {score} is not among --scores (the similarity step computes it)")
+            name = canonical_init_name(item)
+            if init_spec(name).lora_only and any(m != "lora" for m in methods):
+                raise StudyError(f"--inits {name}: for LoRA deltas only, but --methods has "
+                                 f"{', '.join(m for m in methods if m != 'lora')}")
+            inits.append(name)
+    except StudyError:
+        raise
+    except UserError as e:
+        raise StudyError(f"--inits: {e} (random is always run; score initialisations come from --scores)") from None
+    return list(dict.fromkeys(inits)), options
+
+
 def make_plan(a) -> StudyPlan:
     """Check every option of ``run_study.py`` before any work; the resolved, frozen plan."""
     steps = parse_steps(a.steps)
@@ -201,11 +229,7 @@ def make_plan(a) -> StudyPlan:
     bad = [s for s in scores if s not in STUDY_SCORES]
     if bad:
         raise StudyError(f"--scores: {', '.join(bad)} not supported here; expected some of {', '.join(STUDY_SCORES)}")
-    inits = list(dict.fromkeys(a.inits))
-    bad = [i for i in inits if i not in BASELINES]
-    if bad:
-        raise StudyError(f"--inits: {', '.join(bad)} unknown; expected some of {', '.join(BASELINES)} "
-                         "(random is always run; score initialisations come from --scores)")
+    inits, merge_options = parse_inits(a, scores, methods)  # --inits: the baselines and the peers' combinations
     seeds = [int(s) for s in a.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise StudyError(f"--seeds: need distinct seeds, got {seeds}")
@@ -238,4 +262,4 @@ def make_plan(a) -> StudyPlan:
         text=TextOptions(a.max_input_length, a.max_output_length, a.truncation_side),
         sim_num_batches=a.sim_num_batches, sim_batch_size=a.sim_batch_size, grand_batches=a.grand_batches,
         pair_train_iters=a.pair_train_iters, pair_valid_interval=a.pair_valid_interval, progress=a.progress,
-        overwrite=a.overwrite, batch_runs=batch_runs)
+        overwrite=a.overwrite, merge_options=merge_options, batch_runs=batch_runs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import shutil
 import statistics
 from collections import Counter
@@ -24,9 +25,10 @@ from pewe.atomic import atomic_write_text
 from pewe.data import first_prefix, read_tsv, split_path
 from pewe.layout import read_json, rebuild_result_tsv, run_name
 from pewe.metrics import evaluate, majority_answer, metric_for
+from pewe.inits import init_spec
 from pewe.scores import score_spec, temperature_text
 from pewe.study.answer import answer_lines, md_table, plot_gain
-from pewe.study.ensemble import read_init_weights, write_init_summary
+from pewe.study.ensemble import read_init_sidecars, read_init_weights, write_init_summary
 from pewe.study.plan import StudyPlan
 from pewe.study.similarity import write_similarity_files
 
@@ -123,9 +125,10 @@ def score_table(rows, p, method, budget, split, majority) -> list:
 
 
 def init_temperature(p: StudyPlan, init) -> str:
-    if init not in p.scores:
+    score = init_spec(init).score  # a score's own, or the score a peers' combination reads (ties=Loss)
+    if score is None or score not in p.temperatures:
         return "—"
-    return temperature_text(score_spec(init), p.temperatures[init], p.per_token)
+    return temperature_text(score_spec(score), p.temperatures[score], p.per_token)
 
 
 def weights_lines(p: StudyPlan, method) -> list:
@@ -135,7 +138,7 @@ def weights_lines(p: StudyPlan, method) -> list:
         weights = read_init_weights(p, method, init)
         if not weights:
             continue
-        eff = statistics.fmean(1 / sum(w * w for w in ws.values()) for ws in weights.values())
+        eff = statistics.fmean(1 / (sum(w * w for w in ws.values()) or math.nan) for ws in weights.values())
         temp = init_temperature(p, init)
         heat = p.init_dir(method, init) / "hot_pic_all.png"
         link = "—"
@@ -148,6 +151,55 @@ def weights_lines(p: StudyPlan, method) -> list:
     if not body:
         return []
     return md_table(["init", "T", "effective sources", "targets", "heat map"], body)
+
+
+# ---- the initialisations' cost and, for LoRA, the paper's rule against the exact product (pewe.study.ensemble)
+
+COMPUTE_CSV = "init_compute.csv"  # seconds vary between runs and machines: kept out of report.md, which is reproducible
+
+
+def _mean_of(sidecars, field):
+    values = [float(side[field]) for side in sidecars.values() if isinstance(side.get(field), (int, float))]
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(values) if values else None
+
+
+def init_cost_lines(p: StudyPlan, method) -> list:
+    """Per initialisation, from its sidecars: its parameters, LoraHub's mean loss evaluations, and
+    for LoRA the mean relative error of the paper's rule s (sum w B)(sum w A) against the exact
+    s sum w B A at its weights. Empty when no initialisation has any of them."""
+    body = []
+    for init in p.init_names:
+        sides = read_init_sidecars(p, method, init)
+        if not sides:
+            continue
+        params = next((side.get("merge") for side in sides.values() if side.get("merge")), None) or {}
+        evals, error = _mean_of(sides, "loss_evaluations"), _mean_of(sides, "lora_product_error")
+        row = [", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in params.items()) or "—",
+               "—" if evals is None else f"{evals:.0f}", "—" if error is None else f"{100 * error:.2f} %"]
+        body.append([init, *row])
+    if not any(cell != "—" for r in body for cell in r[1:]):
+        return []
+    return md_table(["init", "parameters", "loss evaluations", "paper's LoRA rule vs exact"], body)
+
+
+def write_init_compute(p: StudyPlan) -> Path | None:
+    """``init_compute.csv``: per method, initialisation and target, the sidecar's compute seconds,
+    LoraHub's loss evaluations and the LoRA product error (blank where there is none)."""
+    fields = ("compute_seconds", "loss_evaluations", "lora_product_error")
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["method", "init", "target", *fields])
+    n = 0
+    for method in p.methods:
+        for init in p.init_names:
+            for target, side in read_init_sidecars(p, method, init).items():
+                out.writerow([method, init, target, *("" if side.get(f) is None else repr(side[f]) for f in fields)])
+                n += 1
+    if not n:
+        return None
+    atomic_write_text(p.out / COMPUTE_CSV, buf.getvalue())
+    return p.out / COMPUTE_CSV
 
 
 def write_csv(path, rows):
@@ -213,11 +265,20 @@ def step_report(p: StudyPlan) -> Path:
             lines += ["### Initialisation weights", "",
                       "Effective sources = 1 / Σ w² averaged over targets (1: one source, n: uniform).", ""]
             lines += table + [""]
+        cost = init_cost_lines(p, method)
+        if cost:
+            lines += ["### Initialisation parameters and the LoRA product", "",
+                      "The peers' combinations' parameters; LoraHub's loss evaluations on the target's train split "
+                      "(mean over targets); for LoRA, ‖s(Σ w B)(Σ w A) − s Σ w B A‖ / ‖s Σ w B A‖ over all modules "
+                      "at each initialisation's weights, mean over targets: how far the paper's rule is from the "
+                      f"exact weighted sum of the products. Seconds per target: {COMPUTE_CSV}.", ""]
+            lines += cost + [""]
     if "manual" in p.init_names:
         groups = "; ".join(f"{g}: {' '.join(m)}" for g, m in p.groups.items()) or "none"
         alone = [t for t in p.all_targets if not p.covers("manual", t)]
         lines += [f"Manual groups (restricted to the study tasks): {groups}."
                   + (f" No manual initialisation for {', '.join(alone)} (alone in their group)." if alone else ""), ""]
+    write_init_compute(p)
     report = p.out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     return report

@@ -23,7 +23,11 @@ def study_sources(plan: StudyPlan, method, model=None) -> dict:
     except DeltaError as e:  # a task without its checkpoint
         raise StudyError(f"{e} (run --steps sources first)") from None
     if model is not None and plan.source_dir:
-        check_sources_fit(found, plan.deltas[method], model)
+        try:
+            check_sources_fit(found, plan.deltas[method], model)
+        except DeltaError as e:
+            raise StudyError(f"{e}; these sources cannot serve this run (--source_dir '' tunes sources of this "
+                             f"config on this backbone)") from None
     return found
 
 
