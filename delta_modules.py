@@ -213,10 +213,12 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     ref = getattr(module, "_pewe_prefix", None)
     if ref is not None:
         stack, layer_idx = ref[0](), ref[1]
-        pk, pv = stack.prefix.layer_kv(layer_idx).to(key.dtype)  # (H, P, d_kv) each
-        batch, num = key.shape[0], pk.shape[1]
-        key = torch.cat([pk.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([pv.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
+        pk, pv = stack.prefix.layer_kv(layer_idx).to(key.dtype)  # (H, P, d_kv) each, or (B, H, P, d_kv): one per row
+        batch, num = key.shape[0], pk.shape[-2]
+        if pk.dim() == 3:  # the same prefix for every row (pewe.stacked gives each row its own run's)
+            pk, pv = pk.unsqueeze(0).expand(batch, -1, -1, -1), pv.unsqueeze(0).expand(batch, -1, -1, -1)
+        key = torch.cat([pk, key], dim=2)
+        value = torch.cat([pv, value], dim=2)
         q_len, k_len = query.shape[2], key.shape[2] - num
         past = k_len - q_len  # tokens already in the decoder cache (0 in the encoder)
         first = stack.block[0].layer[0].SelfAttention

@@ -76,6 +76,7 @@ device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16
 quiet = False  # terminal shows warnings only (everything still goes to log.txt)
 progress = True  # progress bars on the terminal
+batch_runs = "auto"  # runs trained, validated and tested together in one forward: auto (1 on a CPU, 16 on a GPU) or a number (1 = one at a time)
 overwrite = False  # redo every run, pair, part and initial delta of the steps asked for, even finished ones
 
 

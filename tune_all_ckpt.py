@@ -52,6 +52,7 @@ max_output_length = 64  # answer tokens kept / generated
 truncation_side = "auto"  # auto (left for bAbI, right otherwise), left or right
 keep_resume = False  # keep each finished pair's resume.safetensors (delta + optimizer state; deleted by default)
 seed = 42  # seed of the data order and dropout (the same for every pair)
+batch_runs = "auto"  # pairs tuned together in one forward (of one target where they can): auto (1 on a CPU, 16 on a GPU) or a number (1 = one at a time)
 overwrite = False  # start every pair afresh, even one whose folder holds another pair's work
 device = "auto"  # auto (cuda if available), cpu or cuda
 precision = "auto"  # auto (bf16 autocast where the hardware has it), fp32 or bf16

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py --quick     # under 5 minutes on 2 cores
     .venv/bin/python benchmarks/run.py             # full sizes
     .venv/bin/python benchmarks/run.py --only steps similarity
+    .venv/bin/python benchmarks/run.py --quick --only batched      # lockstep runs (pewe/stacked.py)
 
 Prints one ``name: value`` line per figure; lines starting with ``#`` give the context (machine, load
 average, absolute medians) and are not figures.
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,10 +33,12 @@ import torch  # noqa: E402
 MODES = {
     "quick": dict(step_shapes=["mini"], step_reps=8, batch=8, in_len=128, out_len=16,
                   sim_sources=4, sim_reps=3, ens_sources=12, ens_reps=3, flops_reps=5, mm_size=1536,
-                  omp_reps=2, omp_steps=2),
+                  omp_reps=2, omp_steps=2, batched_demo_updates=12, batched_test_rows=64, batched_reps=2,
+                  batched_ks=[1, 2, 4, 8], batched_row_reps=3, batched_decode_rows=0),
     "full": dict(step_shapes=["mini", "small"], step_reps=20, batch=8, in_len=128, out_len=16,
                  sim_sources=12, sim_reps=3, ens_sources=32, ens_reps=5, flops_reps=10, mm_size=2048,
-                 omp_reps=3, omp_steps=3),
+                 omp_reps=3, omp_steps=3, batched_demo_updates=100, batched_test_rows=500, batched_reps=3,
+                 batched_ks=[1, 2, 4, 8, 12], batched_row_reps=6, batched_decode_rows=0),
 }
 SIM_METRICS = ["Loss", "KL", "EL2N", "Cosine_of_Logits_and_Labels"]
 SIM_TARGET = "babi-qa1"
@@ -371,6 +375,120 @@ def bench_flops(cfg):
     figure("bf16_step_speedup", paired_ratio(times, "fp32", "bf16"))
 
 
+# --------------------------------------------------------------------------- lockstep runs
+
+def demo_target_jobs(root: Path, base, config, cfg, tag):
+    """The demo's target step (Makefile DEMO_FLAGS) for one target, babi-qa1: 2 initialisations
+    (delta files, as the average and Loss inits are) x 2 seeds = the 4 runs a lockstep group holds.
+    quick: 12 updates, budgets 0/4/8, a validation at 12, 64 test rows; full: the demo's 100 updates,
+    budgets 0/25/50, a validation at 100, the 500 test rows."""
+    import delta_modules as dm
+    from pewe.data import TextOptions, read_tsv
+    from pewe.trainer import TrainSettings
+    from pewe.tuning import TuneJob, initial_delta_state
+
+    iters, budgets = (100, (0, 25, 50, 100)) if cfg["batched_demo_updates"] == 100 else \
+        (cfg["batched_demo_updates"], tuple(range(0, cfg["batched_demo_updates"] + 1, cfg["batched_demo_updates"] // 3)))
+    tasks = root / "tasks"
+    if not (tasks / SIM_TARGET).is_dir():
+        src = REPO / "data" / "fewshot" / SIM_TARGET
+        for split in ("train", "dev", "test"):
+            rows = read_tsv(src / f"{SIM_TARGET}_64_42_{split}.tsv")[:cfg["batched_test_rows"] if split == "test" else None]
+            (tasks / SIM_TARGET).mkdir(parents=True, exist_ok=True)
+            (tasks / SIM_TARGET / f"{SIM_TARGET}_64_42_{split}.tsv").write_text(
+                "".join(f"{ex.input}\t{chr(9).join(ex.answers)}\n" for ex in rows))
+        for i, init in enumerate(("average", "Loss")):  # stand-ins for the two initial deltas
+            dm.save_delta(root / "init" / init / f"without_{SIM_TARGET}_checkpoint.safetensors",
+                          initial_delta_state(base, config, 100 + i), config)
+    jobs = []
+    for init in ("average", "Loss"):
+        for seed in (42, 43):
+            s = TrainSettings(learning_rate=5e-4, batch_size=8, train_iters=iters, valid_interval=iters,
+                              log_interval=iters, early_stop=0, predict_batch_size=80, max_output_length=8, seed=seed,
+                              progress=False)
+            jobs.append(TuneJob(SIM_TARGET, f"{SIM_TARGET}_64_42", str(tasks), root / tag / init / str(seed), s,
+                                TextOptions(512, 8), "t5-mini", train_checkpoint=str(root / "init" / init),
+                                step_budgets=budgets))
+    return jobs
+
+
+def bench_batched(cfg):
+    """The demo's target step with its runs in lockstep (pewe.trainer.train_runs, --batch_runs 4)
+    over one at a time, timed in the same process, interleaved; then the cost per row of one
+    training update and of greedy decoding against the number of runs K sharing the forward."""
+    import shutil
+
+    import delta_modules as dm
+    from pewe.data import load_split, TextOptions, collate
+    from pewe.model import DEFAULT_MODEL, load_backbone
+    from pewe.stacked import StackedDeltas
+    from pewe.trainer import Run, TrainSettings, _OwnDelta, _StackedRuns, predict, predict_runs
+    from pewe.tuning import initial_delta_state, run_jobs
+
+    base, tok = load_backbone(DEFAULT_MODEL)
+    model = dm.attach_delta(copy.deepcopy(base), dm.DeltaConfig("adapter"))  # the demo's delta
+    with tempfile.TemporaryDirectory(prefix="pewe-bench-batched-") as tmp:
+        root = Path(tmp)
+        count = [0]
+
+        def step(batch_runs):
+            count[0] += 1
+            tag = f"rep{count[0]}"
+            jobs = demo_target_jobs(root, base, model.delta_config, cfg, tag)
+            results = run_jobs(model, tok, jobs, torch.device("cpu"), lambda job: initial_delta_state(
+                base, model.delta_config, job.settings.seed), batch_runs)
+            assert all(r["test_score"] is not None for r in results)
+            shutil.rmtree(root / tag)
+
+        times = interleave({"batched": lambda: step(4), "one_at_a_time": lambda: step(1)}, cfg["batched_reps"], warmup=0)
+        jobs = demo_target_jobs(root, base, model.delta_config, cfg, "probe")
+    s0 = jobs[0].settings
+    note(f"demo target step, {SIM_TARGET}: 4 runs (2 inits x 2 seeds), {s0.train_iters} updates of 8 rows, dev decoded "
+         f"at {', '.join(map(str, jobs[0].step_budgets))}, {cfg['batched_test_rows']} test rows; median s: "
+         f"batched {median(times['batched']):.1f}, one at a time {median(times['one_at_a_time']):.1f}")
+    figure("study_targets_batched_speedup", paired_ratio(times, "one_at_a_time", "batched"))
+
+    # per-row cost against K: one update of K runs x 8 rows; greedy decoding of K runs x 64 dev rows
+    text = TextOptions(512, 8)
+    train_rows = load_split(REPO / "data" / "fewshot", SIM_TARGET, f"{SIM_TARGET}_64_42", "train", tok, text, True)
+    dev_rows = load_split(REPO / "data" / "fewshot", SIM_TARGET, f"{SIM_TARGET}_64_42", "dev", tok, text, False)
+    ks = cfg["batched_ks"]
+    settings = TrainSettings(batch_size=8, progress=False)
+    groups, stacks = {}, {}
+    for k in ks:
+        runs = [Run(train_rows, dev_rows, "EM", settings, Path(f"/nonexistent/{i}")) for i in range(k)]
+        groups[k] = _OwnDelta(model, runs) if k == 1 else _StackedRuns(model, runs)
+        stacks[k] = StackedDeltas(model, k)
+
+    def train_update(k):
+        model.train()
+        group = groups[k]
+        parts = [(j, collate(train_rows, list(range(8 * (j % 8), 8 * (j % 8) + 8)), tok.pad_token_id), 1.0)
+                 for j in range(k)]
+        group.forward_backward(parts, torch.device("cpu"), "fp32", tok.pad_token_id)
+        group.step(list(range(k)), 0.1)
+
+    def decode(k):
+        if k == 1:
+            predict(model, tok, dev_rows, 80, 8, torch.device("cpu"))
+        else:
+            predict_runs(model, stacks[k], tok, [(j, dev_rows) for j in range(k)], 80, 8, torch.device("cpu"),
+                         max_rows=cfg["batched_decode_rows"] or 80 * k)
+
+    train_t = interleave({k: (lambda k=k: train_update(k)) for k in ks}, cfg["batched_row_reps"], warmup=1)
+    decode_t = interleave({k: (lambda k=k: decode(k)) for k in ks}, max(2, cfg["batched_row_reps"] // 2), warmup=1)
+    rows_dev = len(dev_rows.input_ids)
+    note("train update, ms per row (8 rows per run): " + ", ".join(
+        f"K={k} {1000 * median(train_t[k]) / (8 * k):.1f}" for k in ks))
+    note(f"greedy decoding of {rows_dev} dev rows per run, ms per row: " + ", ".join(
+        f"K={k} {1000 * median(decode_t[k]) / (rows_dev * k):.1f}" for k in ks))
+    for k in ks[1:]:  # per-row cost at K=1 over per-row cost at K
+        figure(f"batched_train_row_speedup_k{k}", statistics.median(
+            (a / 8) / (b / (8 * k)) for a, b in zip(train_t[1], train_t[k])))
+        figure(f"batched_decode_row_speedup_k{k}", statistics.median(
+            (a / rows_dev) / (b / (rows_dev * k)) for a, b in zip(decode_t[1], decode_t[k])))
+
+
 # --------------------------------------------------------------------------- OpenMP wait policy
 
 def omp_child(steps: int):
@@ -383,10 +501,12 @@ def omp_child(steps: int):
 
 
 def bench_omp(cfg):
-    """The same adapter step in fresh processes with libgomp's default wait policy (spin, then sleep)
-    and with OMP_WAIT_POLICY=PASSIVE: what a shared, loaded CPU does to the default."""
+    """The same adapter step in fresh processes with libgomp's default wait policy (spin, then sleep),
+    with OMP_WAIT_POLICY=PASSIVE (the entry points' default, pewe/__init__.py) and with ACTIVE (the
+    override for dedicated cores): what a shared, loaded CPU does to each."""
     envs = {"default": {**os.environ, "PEWE_BENCH_OMP_DEFAULT": "1"},
-            "passive": {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}}
+            "passive": {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+            "active": {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}}
     envs["default"].pop("OMP_WAIT_POLICY", None)
     times = {k: [] for k in envs}
     for r in range(cfg["omp_reps"]):
@@ -397,12 +517,13 @@ def bench_omp(cfg):
     note(f"OpenMP wait policy, mini adapter step, {torch.get_num_threads()} threads; median s/step: "
          + ", ".join(f"{k} {median(t):.3f}" for k, t in times.items()))
     figure("omp_default_over_passive_step_ratio", paired_ratio(times, "default", "passive"))
+    figure("omp_active_over_passive_step_ratio", paired_ratio(times, "active", "passive"))
 
 
 # --------------------------------------------------------------------------- main
 
 BENCHMARKS = {"omp": bench_omp, "steps": bench_steps, "similarity": bench_similarity, "ensemble": bench_ensemble,
-              "flops": bench_flops}
+              "flops": bench_flops, "batched": bench_batched}
 
 
 def main(argv=None):

@@ -200,11 +200,13 @@ class Reference:
 class SimilarityEngine:
     """Scores source deltas on dev batches with the delta-carrying model it is given."""
 
-    def __init__(self, model, tokenizer, device, options: ScoreOptions):
+    def __init__(self, model, tokenizer, device, options: ScoreOptions, batch_sources: int = 1):
         self.model, self.tokenizer, self.device, self.options = model, tokenizer, device, options
         self.params = delta_named_parameters(model)
         if not self.params:
             raise SimilarityError("the model carries no delta to score")
+        self.batch_sources = max(1, int(batch_sources))  # sources whose forward scores share one forward
+        self._stacked = None
 
     def dev_batches(self, task_dir, task) -> list:
         rows = load_dev_rows(task_dir, task, self.tokenizer, self.options)
@@ -242,29 +244,46 @@ class SimilarityEngine:
     def forward_scores(self, batch_list, names, refs=None) -> dict:
         """Every "logits" and "hidden" score in ``names`` from ONE forward per batch of the loaded delta:
         {name: {group: value}}."""
+        return self._forward_scores(batch_list, names, refs, 1)[0]
+
+    def _forward_scores(self, batch_list, names, refs, k) -> list:
+        """``forward_scores`` of k deltas at once: with k > 1 each batch is repeated k times, block j
+        going through run j of the stacked deltas (``pewe.stacked``); one {name: {group: value}} per run."""
         specs = [score_spec(n) for n in names]
         if any(s.needs_reference for s in specs) and refs is None:
             raise SimilarityError(f"{', '.join(s.name for s in specs if s.needs_reference)} need the reference outputs")
         capture = any(s.kind == "hidden" for s in specs)
-        totals = {s.name: {} for s in specs}
+        totals = [{s.name: {} for s in specs} for _ in range(k)]
         n_tokens = 0
         for i, batch in enumerate(batch_list):
-            logits, labels, hidden, masks = self.forward(batch, capture_hidden=capture)
-            n_tokens += len(labels)
+            if k == 1:
+                outputs = [self.forward(batch, capture_hidden=capture)]
+            else:
+                rows = len(batch["input_ids"])
+                big = {key: batch[key].repeat(k, 1) for key in ("input_ids", "attention_mask", "labels")}
+                with self._stacked.rows(range(k), [rows] * k):
+                    logits, labels, hidden, masks = self.forward(big, capture_hidden=capture)
+                n = len(labels) // k  # the label tokens of one copy of the batch (rows come block by block)
+                outputs = [(logits[j * n:(j + 1) * n], labels[j * n:(j + 1) * n],
+                            {b: h[j * rows:(j + 1) * rows] for b, h in hidden.items()},
+                            {m: v[j * rows:(j + 1) * rows] for m, v in masks.items()}) for j in range(k)]
+            n_tokens += len(outputs[0][1])
             ref = refs[i] if refs is not None else None
-            tokens = TokenOutputs(logits, labels, ref.logits if ref is not None else None)
+            for out, (logits, labels, hidden, masks) in zip(totals, outputs):
+                tokens = TokenOutputs(logits, labels, ref.logits if ref is not None else None)
+                for s in specs:
+                    if s.kind == "logits":
+                        _add(out[s.name], "", float(s.fn(tokens)))
+                    elif s.kind == "hidden":
+                        for block, h in hidden.items():
+                            mask = masks[block.split("_", 1)[0]]
+                            _add(out[s.name], block, float(s.fn(h, ref.hidden[block], mask)))
+                    else:
+                        raise SimilarityError(f"{s.name} is a {s.kind} score, not a forward score")
+        for out in totals:
             for s in specs:
-                if s.kind == "logits":
-                    _add(totals[s.name], "", float(s.fn(tokens)))
-                elif s.kind == "hidden":
-                    for block, h in hidden.items():
-                        mask = masks[block.split("_", 1)[0]]
-                        _add(totals[s.name], block, float(s.fn(h, ref.hidden[block], mask)))
-                else:
-                    raise SimilarityError(f"{s.name} is a {s.kind} score, not a forward score")
-        for s in specs:
-            if s.reduction == "mean":
-                totals[s.name] = {g: v / max(n_tokens, 1) for g, v in totals[s.name].items()}
+                if s.reduction == "mean":
+                    out[s.name] = {g: v / max(n_tokens, 1) for g, v in out[s.name].items()}
         return totals
 
     def group_sq_norms(self, batch, mode) -> dict:
@@ -296,14 +315,32 @@ class SimilarityEngine:
 
     def score_source(self, checkpoint, metrics, fwd_batches, grad_batches, refs=None) -> dict:
         """Load a source delta and compute every requested score: {metric: {group: value}}."""
-        load_delta(self.model, checkpoint)
+        return self.score_sources([checkpoint], metrics, fwd_batches, grad_batches, refs)[0]
+
+    def score_sources(self, checkpoints, metrics, fwd_batches, grad_batches, refs=None) -> list:
+        """``score_source`` for several source deltas: their forward scores from one stacked forward
+        per batch (``pewe.stacked``); GraNd one source at a time, since every source must see the same
+        dropout masks (one forward of stacked copies would draw other masks for each)."""
         specs = [score_spec(m) for m in metrics]
         forward = [s.name for s in specs if s.kind != "grad"]
-        out = self.forward_scores(fwd_batches, forward, refs) if forward else {}
-        for s in specs:
-            if s.kind == "grad":
-                out[s.name] = self.grand_scores(grad_batches, self.options.grand_mode, s.name)
-        return out
+        k = len(checkpoints)
+        if k == 1:
+            load_delta(self.model, checkpoints[0])
+        elif forward:
+            if self._stacked is None or self._stacked.k < k:
+                from pewe.stacked import StackedDeltas  # noqa: PLC0415 (only batched sources need it)
+
+                self._stacked = StackedDeltas(self.model, k)
+            for j, ckpt in enumerate(checkpoints):
+                self._stacked.load_file(j, ckpt)
+        outs = self._forward_scores(fwd_batches, forward, refs, k) if forward else [{} for _ in checkpoints]
+        for ckpt, out in zip(checkpoints, outs):
+            for s in specs:
+                if s.kind == "grad":
+                    if k > 1:
+                        load_delta(self.model, ckpt)
+                    out[s.name] = self.grand_scores(grad_batches, self.options.grand_mode, s.name)
+        return outs
 
     def score_tasks(self, targets, task_dir, sources: dict, metrics, references=None, on_target=None) -> dict:
         """Score every source on every target: {metric: {group: {target: {source: value}}}}.
@@ -327,12 +364,16 @@ class SimilarityEngine:
             if needs_ref:
                 refs = self.reference(references[target], fwd, any(s.kind == "logits" for s in needs_ref),
                                       any(s.kind == "hidden" for s in needs_ref))
-            for source, ckpt in sources.items():
-                bar.set_postfix_str(f"{target} <- {source}")
-                for name, groups in self.score_source(ckpt, metrics, fwd, grad, refs).items():
-                    for group, value in groups.items():
-                        results[name].setdefault(group, {}).setdefault(target, {})[source] = value
-                bar.update(1)
+            names = list(sources)
+            for start in range(0, len(names), self.batch_sources):
+                chunk = names[start:start + self.batch_sources]
+                bar.set_postfix_str(f"{target} <- {chunk[0]}" + (f" (+{len(chunk) - 1})" if len(chunk) > 1 else ""))
+                scored = self.score_sources([sources[s] for s in chunk], metrics, fwd, grad, refs)
+                for source, got in zip(chunk, scored):
+                    for name, groups in got.items():
+                        for group, value in groups.items():
+                            results[name].setdefault(group, {}).setdefault(target, {})[source] = value
+                bar.update(len(chunk))
             log.info("%s: scored %d sources (%s)", target, len(sources), ", ".join(metrics))
             if on_target is not None:
                 on_target(results)

@@ -27,14 +27,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from delta_modules import DeltaError, attach_delta, check_compatible, load_delta, load_delta_state, read_delta, save_delta
+from delta_modules import DeltaError, attach_delta, check_compatible, read_delta, save_delta
 from pewe.atomic import atomic_write_text
 from pewe.data import TextOptions, first_prefix, load_split, split_path
 from pewe.delta_scores import pairs_of
 from pewe.layout import claim_run, file_sha256, format_similarity, read_json, source_checkpoints
 from pewe.metrics import metric_for
 from pewe.model import model_fingerprint
-from pewe.trainer import TrainSettings, score_rows, set_seed, train
+from pewe.trainer import Run, TrainSettings, resolve_batch_runs, score_deltas, set_seed, train_runs
 from pewe.tuning import delta_config_from_args, run_record, select_tasks, text_options
 
 log = logging.getLogger("pewe")
@@ -80,7 +80,10 @@ def eval_settings(a, precision) -> TrainSettings:
                          seed=a.seed, precision=precision, progress=False)
 
 
-def pair_bar(pairs, a, desc):
+def pair_bar(pairs, a, desc, manual=False):
+    """A progress bar over the pairs (``manual``: a bar to update by hand, for pairs done in groups)."""
+    if manual:
+        return tqdm(total=len(pairs), desc=desc, unit="pair", disable=not a.progress, dynamic_ncols=True)
     return tqdm(pairs, desc=desc, unit="pair", disable=not a.progress, dynamic_ncols=True)
 
 
@@ -104,16 +107,16 @@ def last_delta(resume_path) -> dict:
     return {k[len("delta."):]: v for k, v in load_file(str(resume_path)).items() if k.startswith("delta.")}
 
 
-def last_dev_score(summary, model, tokenizer, data, settings, device):
-    """The dev score of the last delta (loaded in the model): the last validation's if it was at the
-    final update, else a fresh one."""
+def last_validated_score(summary):
+    """The dev score of the last delta when the loop already has it: the last validation's if it was at
+    the final update, the best's when no validation ran (the loop scored the last delta as its best);
+    else None (it is decoded afresh)."""
     history = summary.get("history") or []
     if history and history[-1][0] == summary["num_updates"]:
         return history[-1][1]
     if not history and summary["best_step"] == summary["num_updates"]:
-        return summary["best"]  # no validation ran: the loop scored the last delta as its best
-    score, _ = score_rows(model, tokenizer, data.dev, data.metric, settings, device, desc="dev")
-    return score
+        return summary["best"]
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,36 +153,58 @@ def claim_pair(model, tokenizer, job: PairJob):
     return read_json(done, "pair result") if done.is_file() else None
 
 
+def tune_pairs(model, tokenizer, datas, jobs, device) -> list:
+    """Tune each job's source delta on its target's train split (``datas[i]`` for ``jobs[i]``), the jobs
+    in lockstep (one forward for all, ``pewe.trainer.train_runs``); keep best and last; returns each
+    pair's result.json."""
+    runs, metas = [], []
+    for data, job in zip(datas, jobs):
+        s = job.settings
+        metas.append({"task": data.name, "source": job.source, "prefix": data.prefix, "init": str(job.source_checkpoint),
+                      "base_model": job.model, "base_model_sha256": model_fingerprint(model), "seed": s.seed,
+                      "learning_rate": s.learning_rate, "batch_size": s.batch_size})
+        runs.append(Run(data.train, data.dev, data.metric, s, Path(job.pair_dir), job.source_checkpoint, None, metas[-1]))
+    summaries = train_runs(model, tokenizer, runs, device)
+    lasts = [last_delta(Path(job.pair_dir) / "resume.safetensors") for job in jobs]  # right even when already done
+    scores = [last_validated_score(summary) for summary in summaries]
+    fresh = [i for i, score in enumerate(scores) if score is None]  # the last update was not validated
+    for i, (score, _) in zip(fresh, score_deltas(model, tokenizer, [(lasts[i], datas[i].dev, datas[i].metric) for i in fresh],
+                                                 jobs[0].settings, device, desc="dev") if fresh else ()):
+        scores[i] = score
+    results = []
+    for data, job, meta, summary, last, last_score in zip(datas, jobs, metas, summaries, lasts, scores):
+        save_delta(Path(job.pair_dir) / "checkpoint-last.safetensors", last, model.delta_config,
+                   **{**meta, "dev_score": last_score, "step": summary["num_updates"]})
+        results.append({"target": data.name, "source": job.source, "metric": data.metric,
+                        "init": str(job.source_checkpoint), "dev_score": summary["best"],
+                        "best_step": summary["best_step"], "last_dev_score": last_score,
+                        "updates": summary["num_updates"], "history": summary["history"], "test_score": None})
+    testing = [i for i, job in enumerate(jobs) if job.do_predict]
+    if testing:
+        items = [(Path(jobs[i].pair_dir) / "checkpoint-best.safetensors", datas[i].test, datas[i].metric) for i in testing]
+        for i, (score, _) in zip(testing, score_deltas(model, tokenizer, items, jobs[0].settings, device, desc="test")):
+            results[i]["test_score"] = score
+    for job, result in zip(jobs, results):
+        atomic_write_text(Path(job.pair_dir) / "result.json", json.dumps(result, indent=1))
+        if not job.keep_resume:  # the pair is done (result.json): its optimizer state is dead weight on disk
+            (Path(job.pair_dir) / "resume.safetensors").unlink(missing_ok=True)
+    return results
+
+
 def tune_pair(model, tokenizer, data: TargetData, job: PairJob, device) -> dict:
     """Tune the source's delta on the target's train split; keep best and last; returns result.json."""
-    s, pair_dir = job.settings, Path(job.pair_dir)
-    meta = {"task": data.name, "source": job.source, "prefix": data.prefix, "init": str(job.source_checkpoint),
-            "base_model": job.model, "base_model_sha256": model_fingerprint(model), "seed": s.seed,
-            "learning_rate": s.learning_rate, "batch_size": s.batch_size}
-    summary = train(model, tokenizer, data.train, data.dev, data.metric, s, pair_dir, device,
-                    init_checkpoint=job.source_checkpoint, meta=meta)
-    last = last_delta(pair_dir / "resume.safetensors")  # right even when train() found the pair already done
-    load_delta_state(model, last, where=str(pair_dir / "resume.safetensors"))
-    last_score = last_dev_score(summary, model, tokenizer, data, s, device)
-    save_delta(pair_dir / "checkpoint-last.safetensors", last, model.delta_config,
-               **{**meta, "dev_score": last_score, "step": summary["num_updates"]})
-    result = {"target": data.name, "source": job.source, "metric": data.metric, "init": str(job.source_checkpoint),
-              "dev_score": summary["best"], "best_step": summary["best_step"], "last_dev_score": last_score,
-              "updates": summary["num_updates"], "history": summary["history"], "test_score": None}
-    if job.do_predict:
-        load_delta(model, pair_dir / "checkpoint-best.safetensors")
-        result["test_score"], _ = score_rows(model, tokenizer, data.test, data.metric, s, device, desc="test")
-    atomic_write_text(pair_dir / "result.json", json.dumps(result, indent=1))
-    if not job.keep_resume:  # the pair is done (result.json): its optimizer state is dead weight on disk
-        (pair_dir / "resume.safetensors").unlink(missing_ok=True)
-    return result
+    return tune_pairs(model, tokenizer, [data], [job], device)[0]
 
 
 def zero_shot_score(model, tokenizer, data: TargetData, checkpoint, settings, device, desc=None) -> float:
     """The dev score of a source delta on a target without any tuning (what Performance subtracts)."""
-    load_delta(model, checkpoint)
-    score, _ = score_rows(model, tokenizer, data.dev, data.metric, settings, device, desc=desc)
-    return score
+    return zero_shot_scores(model, tokenizer, data, [checkpoint], settings, device, desc=desc)[0]
+
+
+def zero_shot_scores(model, tokenizer, data: TargetData, checkpoints, settings, device, desc=None) -> list:
+    """The dev scores of several source deltas on one target, decoded together."""
+    items = [(ckpt, data.dev, data.metric) for ckpt in checkpoints]
+    return [score for score, _ in score_deltas(model, tokenizer, items, settings, device, desc=desc)]
 
 
 def collect_pair_results(output_dir, key="dev_score") -> dict:
@@ -200,22 +225,39 @@ def tune_all(a, model, tokenizer, device, precision) -> Path:
                                    log_interval=a.log_interval, early_stop=a.early_stop)
     out = Path(a.output_dir)
     pairs = pairs_of(targets, sources, a.skip_self)
-    log.info("%s delta: %d targets x %d sources = %d pairs, %d updates each", config.method, len(targets),
-             len(sources), len(pairs), a.train_iters)
-    data = None
-    bar = pair_bar(pairs, a, "tune all")
-    for target, source in bar:
+    batch_runs = resolve_batch_runs(getattr(a, "batch_runs", 1), device)
+    log.info("%s delta: %d targets x %d sources = %d pairs, %d updates each, %d pairs at a time", config.method,
+             len(targets), len(sources), len(pairs), a.train_iters, batch_runs)
+    data = {}
+    bar = pair_bar(pairs, a, "tune all", manual=True)
+    pending = []
+
+    def tune_group():
+        if not pending:
+            return
+        for target in [t for t in data if t not in {job.target for job in pending}]:
+            del data[target]  # one group's targets' rows in memory at a time
+        for job in pending:
+            if job.target not in data:
+                data[job.target] = load_target(a.task_dir, job.target, tokenizer, job.text, job.splits)
+        for job, r in zip(pending, tune_pairs(model, tokenizer, [data[job.target] for job in pending], pending, device)):
+            log.info("%s <- %s: dev %.4f best at %d, %.4f after %d updates (%s)", job.target, job.source, r["dev_score"],
+                     r["best_step"], r["last_dev_score"], r["updates"], r["metric"])
+        bar.update(len(pending))
+        pending.clear()
+
+    for target, source in pairs:
         bar.set_postfix_str(f"{source} -> {target}")
         job = PairJob(target, source, sources[source], out / target / source, a.task_dir, settings, text_options(a),
                       str(a.model), a.do_predict, a.keep_resume, a.overwrite)
         if claim_pair(model, tokenizer, job) is not None:
             log.info("%s <- %s: already done (%s), skipping", target, source, job.pair_dir / "result.json")
+            bar.update(1)
             continue
-        if data is None or data.name != target:  # one target's rows in memory at a time
-            data = load_target(a.task_dir, target, tokenizer, job.text, job.splits)
-        r = tune_pair(model, tokenizer, data, job, device)
-        log.info("%s <- %s: dev %.4f best at %d, %.4f after %d updates (%s)", target, source, r["dev_score"],
-                 r["best_step"], r["last_dev_score"], r["updates"], data.metric)
+        pending.append(job)
+        if len(pending) == batch_runs:
+            tune_group()
+    tune_group()
     bar.close()
     result = out / "result.tsv"
     atomic_write_text(result, format_similarity(collect_pair_results(out)))

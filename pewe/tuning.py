@@ -1,7 +1,7 @@
 """Single-task tuning over an lr x batch-size grid: what ``tune_hps_singletask.py`` runs for each task.
 
 One run is a ``TuneJob`` (every option that decides it, typed); ``run_job`` trains and / or predicts
-it. The study builds its jobs the same way. Layout of ``output_dir`` (one folder per task, as the
+it, ``run_jobs`` several, in lockstep groups. The study builds its jobs the same way. Layout of ``output_dir`` (one folder per task, as the
 original):
   {task}/runs/{prefix}_lr_{lr}_bsz_{bsz}/  checkpoint-best.safetensors (+.json), resume.safetensors,
                                            predictions_test.tsv, result.json
@@ -18,15 +18,15 @@ import json
 import logging
 from pathlib import Path
 
-from delta_modules import (DeltaConfig, DeltaError, attach_delta, delta_state_dict, load_delta, load_delta_state,
-                           read_delta, save_delta)
+from delta_modules import DeltaConfig, DeltaError, attach_delta, delta_state_dict, read_delta, save_delta
 from pewe.atomic import atomic_write_text
 from pewe.data import DataError, TextOptions, check_task_names, list_tasks, load_split, read_tsv, split_path, split_prefixes
 from pewe.layout import (claim_run, file_sha256, init_checkpoint_for, read_json, rebuild_result_tsv, run_name, shard_of,
                          test_checkpoint_for)
 from pewe.model import model_fingerprint, tokenizer_fingerprint
 from pewe.metrics import metric_for
-from pewe.trainer import TrainSettings, can_extend, resume_counters, score_rows, set_seed, train, write_predictions
+from pewe.trainer import (Run, TrainSettings, can_extend, groups_of, resolve_batch_runs, resume_counters,
+                          score_deltas, set_seed, train_runs, write_predictions)
 
 log = logging.getLogger("pewe")
 DELTA_FIELDS = ("adapter_type", "adapter_size", "lora_r", "lora_alpha", "prefix_num", "prefix_r")
@@ -91,9 +91,22 @@ def text_options(a) -> TextOptions:
     return TextOptions(a.max_input_length, a.max_output_length, a.truncation_side)
 
 
-def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
-    """Train and / or predict one run (skipped when its result.json exists, extended when it used its
-    whole budget and a larger one is asked for); returns its result dict."""
+@dataclasses.dataclass
+class _Pending:
+    """A job whose folder is claimed: what it trains from and the result it fills in."""
+    job: TuneJob
+    record: dict
+    init: Path | None = None  # the delta file it trains from (None: its seed's random init)
+    test: Path | None = None  # the delta file its test split is scored with (None: its best)
+    metric: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)
+    result: dict = dataclasses.field(default_factory=dict)
+    done: bool = False  # finished before: ``result`` is its result.json
+
+
+def _claim_job(model, tokenizer, job: TuneJob) -> _Pending:
+    """Check and claim the job's folder (run.json); a finished job comes back done (unless a larger
+    budget extends it)."""
     run_dir, s = Path(job.run_dir), job.settings
     splits = [sp for sp, used in (("train", job.do_train), ("dev", job.do_train), ("test", job.do_predict)) if used]
     files = {sp: split_path(job.task_dir, job.task, job.prefix, sp) for sp in splits}
@@ -111,32 +124,72 @@ def run_job(model, tokenizer, job: TuneJob, device, fresh_delta) -> dict:
     if done.exists():
         if not (job.do_train and resume.exists() and can_extend(resume_counters(resume), s.train_iters)):
             log.info("%s: already done (%s), skipping", run_dir, done)
-            return read_json(done, "run result")
+            return _Pending(job, record, result=read_json(done, "run result"), done=True)
         done.unlink()  # a finished run given a larger --train_iters continues (train() extends it)
     metric = metric_for(job.task)
-    fresh_delta()  # the same seeded random init for every run
     result = {"task": job.task, "prefix": job.prefix, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
               "metric": metric, "dev_score": None, "test_score": None}
     meta = {"task": job.task, "prefix": job.prefix, "base_model": job.model, "base_model_sha256": record["model"],
             "seed": s.seed, "learning_rate": s.learning_rate, "batch_size": s.batch_size}
-    if job.do_train:
-        train_rows = load_split(job.task_dir, job.task, job.prefix, "train", tokenizer, job.text, True)
-        dev_rows = load_split(job.task_dir, job.task, job.prefix, "dev", tokenizer, job.text, False)
-        summary = train(model, tokenizer, train_rows, dev_rows, metric, s, run_dir, device, init_checkpoint=init,
-                        meta={**meta, "init": str(init) if init else "random"}, step_budgets=job.step_budgets)
-        result.update(dev_score=summary["best"], best_step=summary["best_step"], updates=summary["num_updates"],
-                      budget_scores=summary["budget_scores"], init=str(init) if init else "random")
-    if job.do_predict:
-        ckpt = test or run_dir / "checkpoint-best.safetensors"
-        load_delta(model, ckpt)
-        test_rows = load_split(job.task_dir, job.task, job.prefix, "test", tokenizer, job.text, False)
-        score, preds = score_rows(model, tokenizer, test_rows, metric, s, device, desc=f"{job.task} test")
-        write_predictions(run_dir / "predictions_test.tsv", preds, test_rows.examples)
-        result.update(test_score=score, test_checkpoint=str(ckpt))
-    log.info("%s %s lr=%s bsz=%s: dev %s, test %s (%s)", job.task, job.prefix, s.learning_rate, s.batch_size,
-             result["dev_score"], result["test_score"], metric)
-    atomic_write_text(done, json.dumps(result, indent=1))
-    return result
+    return _Pending(job, record, init, test, metric, meta, result)
+
+
+def _run_group(model, tokenizer, group: list, device, init_state_of):
+    """Train the group's jobs in lockstep, score their test splits together, write each result.json."""
+    training = [p for p in group if p.job.do_train]
+    if training:
+        runs = []
+        for p in training:
+            j = p.job
+            runs.append(Run(load_split(j.task_dir, j.task, j.prefix, "train", tokenizer, j.text, True),
+                            load_split(j.task_dir, j.task, j.prefix, "dev", tokenizer, j.text, False), p.metric,
+                            j.settings, Path(j.run_dir), p.init, init_state_of(j),
+                            {**p.meta, "init": str(p.init) if p.init else "random"}, j.step_budgets))
+        for p, summary in zip(training, train_runs(model, tokenizer, runs, device)):
+            p.result.update(dev_score=summary["best"], best_step=summary["best_step"], updates=summary["num_updates"],
+                            budget_scores=summary["budget_scores"], init=str(p.init) if p.init else "random")
+    predicting = [p for p in group if p.job.do_predict]
+    if predicting:
+        items, checkpoints = [], []
+        for p in predicting:
+            j = p.job
+            checkpoints.append(p.test or Path(j.run_dir) / "checkpoint-best.safetensors")
+            items.append((checkpoints[-1], load_split(j.task_dir, j.task, j.prefix, "test", tokenizer, j.text, False),
+                          p.metric))
+        desc = f"{predicting[0].job.task} test" if len(predicting) == 1 else f"{len(predicting)} runs test"
+        scored = score_deltas(model, tokenizer, items, predicting[0].job.settings, device, desc=desc)
+        for p, ckpt, (_, rows, _), (score, preds) in zip(predicting, checkpoints, items, scored):
+            write_predictions(Path(p.job.run_dir) / "predictions_test.tsv", preds, rows.examples)
+            p.result.update(test_score=score, test_checkpoint=str(ckpt))
+    for p in group:
+        s = p.job.settings
+        log.info("%s %s lr=%s bsz=%s: dev %s, test %s (%s)", p.job.task, p.job.prefix, s.learning_rate, s.batch_size,
+                 p.result["dev_score"], p.result["test_score"], p.metric)
+        atomic_write_text(Path(p.job.run_dir) / "result.json", json.dumps(p.result, indent=1))
+
+
+def run_jobs(model, tokenizer, jobs, device, init_state_of, batch_runs=1, on_done=None) -> list:
+    """Train and / or predict ``jobs`` (each skipped when its result.json exists, extended when it used
+    its whole budget and a larger one is asked for), ``batch_runs`` at a time in lockstep (one forward
+    for a group, ``pewe.trainer.train_runs``); a group's jobs must share the settings of
+    ``pewe.trainer.SHARED_SETTINGS``. ``init_state_of(job)``: the random delta a job starts from when
+    it has no train_checkpoint. ``on_done(job, result)`` after each job. Returns the results in order."""
+    claimed = [_claim_job(model, tokenizer, job) for job in jobs]
+    for p in claimed:
+        if p.done and on_done is not None:
+            on_done(p.job, p.result)
+    for group in groups_of([p for p in claimed if not p.done], batch_runs):
+        _run_group(model, tokenizer, group, device, init_state_of)
+        for p in group:
+            if on_done is not None:
+                on_done(p.job, p.result)
+    return [p.result for p in claimed]
+
+
+def run_job(model, tokenizer, job: TuneJob, device, init_state: dict) -> dict:
+    """Train and / or predict one run from ``init_state`` (its random init) unless it has a
+    train_checkpoint; returns its result dict (see ``run_jobs``)."""
+    return run_jobs(model, tokenizer, [job], device, lambda _: init_state)[0]
 
 
 def keep_best(task_out: Path, results, runs):
@@ -196,6 +249,8 @@ def check_tune_options(a):
             TrainSettings(learning_rate=lr, batch_size=bsz, predict_batch_size=a.predict_batch_size,
                           max_output_length=a.max_output_length,
                           **{k: getattr(a, k) for k in ("train_iters", "valid_interval", "log_interval") if hasattr(a, k)})
+    if hasattr(a, "batch_runs"):
+        resolve_batch_runs(a.batch_runs, "cpu")
     if any(int(b) < 0 for b in getattr(a, "step_budgets", ())):
         raise DataError("--step_budgets must be >= 0")
     select_tasks(a.task_dir, a.tasks, a.shard)
@@ -210,15 +265,11 @@ def tune_tasks(a, model, tokenizer, device, precision):
     config = delta_config_from_args(a)
     init_state = initial_delta_state(model, config, a.seed)
     attach_delta(model, config)
-
-    def fresh_delta():
-        load_delta_state(model, init_state)
-
     log.info("%s delta, %d trainable parameters, tasks: %s", config.method,
              sum(v.numel() for v in init_state.values()), ", ".join(tasks))
     for task in tasks:
         jobs = grid_jobs(a, task, precision)
-        results = [run_job(model, tokenizer, job, device, fresh_delta) for job in jobs]
+        results = [run_job(model, tokenizer, job, device, init_state) for job in jobs]
         if a.do_train:
             keep_best(output_dir / task, results, [job.run_dir for job in jobs])
         rebuild_result_tsv(output_dir)

@@ -1,16 +1,17 @@
 """The study's workbench: the backbone loaded once, one delta-carrying copy per method, and the tuning
-of a list of tasks as tune_hps_singletask.py does it (one split, one lr, one batch size)."""
+of a list of tasks as tune_hps_singletask.py does it (one split, one lr, one batch size), the runs
+``plan.batch_runs`` at a time in lockstep (``pewe.trainer.train_runs``)."""
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
-from delta_modules import attach_delta, load_delta_state
+from delta_modules import attach_delta
 from pewe.data import first_prefix, has_split
 from pewe.layout import rebuild_result_tsv, run_name
 from pewe.study.plan import StudyPlan
-from pewe.trainer import TrainSettings
-from pewe.tuning import TuneJob, initial_delta_state, keep_best, run_job
+from pewe.trainer import TrainSettings, resolve_batch_runs
+from pewe.tuning import TuneJob, initial_delta_state, keep_best, run_jobs
 
 
 class Bench:
@@ -20,6 +21,7 @@ class Bench:
         self.plan, self.base, self.tokenizer, self.device, self.precision = plan, base, tokenizer, device, precision
         self.method = self.model = None
         self.inits = {}
+        self.batch_runs = resolve_batch_runs(plan.batch_runs, device)  # runs per lockstep group
 
     def use(self, method):
         """The model carrying ``method``'s delta (the base stays untouched for later methods)."""
@@ -44,20 +46,33 @@ class Bench:
                              predict_batch_size=p.predict_batch_size, max_output_length=p.text.max_output_length,
                              seed=seed, precision=self.precision, progress=p.progress)
 
-    def tune(self, task_dir, out_dir, tasks, seed, train_iters, init=None, budgets=()) -> dict:
-        """Tune (skip / resume) and test (where it has a test split) every task; ``init``: a folder of without_{task}_checkpoint
-        files (None: the seed's random init). {task: result}."""
-        p, model, out_dir = self.plan, self.model, Path(out_dir)
-        state = self.random_init(seed)
+    def jobs(self, task_dir, out_dir, tasks, seed, train_iters, init=None, budgets=()) -> list:
+        """One TuneJob per task into ``out_dir`` (a tune_hps_singletask.py output_dir); ``init``: a folder of
+        without_{task}_checkpoint files (None: the seed's random init). Tested where there is a test split."""
+        p, out_dir = self.plan, Path(out_dir)
         settings = self.settings(seed, train_iters)
-        results = {}
+        out = []
         for task in tasks:
             prefix = first_prefix(task_dir, task)
-            job = TuneJob(task, prefix, str(task_dir), out_dir / task / "runs" / run_name(prefix, p.learning_rate,
-                          p.batch_size), settings, p.text, p.model, do_predict=has_split(task_dir, task, prefix, "test"),
-                          train_checkpoint=init, step_budgets=tuple(budgets), overwrite=p.overwrite)
-            results[task] = run_job(model, self.tokenizer, job, self.device, lambda: load_delta_state(model, state))
-            keep_best(out_dir / task, [results[task]], [job.run_dir])
-        if tasks:
+            out.append(TuneJob(task, prefix, str(task_dir), out_dir / task / "runs" / run_name(prefix, p.learning_rate,
+                               p.batch_size), settings, p.text, p.model, do_predict=has_split(task_dir, task, prefix, "test"),
+                               train_checkpoint=init, step_budgets=tuple(budgets), overwrite=p.overwrite))
+        return out
+
+    def run(self, jobs) -> list:
+        """Tune (skip / resume) and test every job, ``batch_runs`` at a time; each task's best delta is copied
+        to ``{out_dir}/{task}/`` as it finishes and every output folder's result.tsv rebuilt at the end."""
+        def done(job, result):
+            task_out = Path(job.run_dir).parent.parent  # {out_dir}/{task}/runs/{run}
+            keep_best(task_out, [result], [job.run_dir])
+
+        results = run_jobs(self.model, self.tokenizer, jobs, self.device, lambda job: self.random_init(job.settings.seed),
+                           self.batch_runs, on_done=done)
+        for out_dir in dict.fromkeys(Path(job.run_dir).parents[2] for job in jobs):
             rebuild_result_tsv(out_dir)
         return results
+
+    def tune(self, task_dir, out_dir, tasks, seed, train_iters, init=None, budgets=()) -> dict:
+        """Tune (skip / resume) and test (where it has a test split) every task: {task: result}."""
+        results = self.run(self.jobs(task_dir, out_dir, tasks, seed, train_iters, init, budgets))
+        return dict(zip(tasks, results))

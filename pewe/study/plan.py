@@ -30,7 +30,7 @@ from pewe.model import DEFAULT_MODEL
 from pewe.scores import DEFAULT_TEMPERATURES, STUDY_SCORES
 from pewe.similarity import ScoreOptions
 from pewe.sources import SHIPPED
-from pewe.trainer import TrainSettings
+from pewe.trainer import TrainSettings, resolve_batch_runs
 from pewe.tuning import delta_config_of
 from pewe.weights import parse_groups
 from task_list import BUNDLED_GROUPS, QA_groups, groups_for
@@ -120,6 +120,7 @@ class StudyPlan:
     progress: bool
     overwrite: bool  # redo every run, pair, part and initial delta of the steps asked for
     merge_options: dict = dataclasses.field(default_factory=dict)  # the peers' combinations' parameters (--merge_options)
+    batch_runs: str = "auto"  # runs per lockstep group (pewe.trainer.resolve_batch_runs); not part of any record
 
     @property
     def init_names(self) -> list:
@@ -243,6 +244,8 @@ def make_plan(a) -> StudyPlan:
                       log_interval=a.log_interval, predict_batch_size=a.predict_batch_size,
                       max_output_length=a.max_output_length)  # refuses a bad number before any work
     ScoreOptions(num_batches=a.sim_num_batches, batch_size=a.sim_batch_size, grand_batches=a.grand_batches)
+    batch_runs = str(getattr(a, "batch_runs", "auto"))
+    resolve_batch_runs(batch_runs, "cpu")  # refuses a bad value before any work
     groups = ({f"group_{i + 1}": g for i, g in enumerate(parse_groups(a.groups))} if a.groups
               else {**BUNDLED_GROUPS, **QA_groups})
     return StudyPlan(
@@ -259,4 +262,4 @@ def make_plan(a) -> StudyPlan:
         text=TextOptions(a.max_input_length, a.max_output_length, a.truncation_side),
         sim_num_batches=a.sim_num_batches, sim_batch_size=a.sim_batch_size, grand_batches=a.grand_batches,
         pair_train_iters=a.pair_train_iters, pair_valid_interval=a.pair_valid_interval, progress=a.progress,
-        overwrite=a.overwrite, merge_options=merge_options)
+        overwrite=a.overwrite, merge_options=merge_options, batch_runs=batch_runs)

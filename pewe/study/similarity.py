@@ -22,7 +22,8 @@ from pewe.scores import score_spec
 from pewe.similarity import SimilarityEngine, first_batches
 from pewe.study.plan import StudyError, StudyPlan
 from pewe.study.sources import study_sources
-from pewe.transfer import PairJob, claim_pair, load_target, tune_pair, zero_shot_score
+from pewe.trainer import groups_of
+from pewe.transfer import PairJob, claim_pair, load_target, tune_pairs, zero_shot_scores
 
 log = logging.getLogger("pewe")
 
@@ -35,7 +36,7 @@ def step_similarity(bench, plan: StudyPlan, method):
         return
     options = plan.score_options(bench.precision)
     sources = study_sources(plan, method, bench.base)
-    engine = SimilarityEngine(bench.model, bench.tokenizer, bench.device, options)
+    engine = SimilarityEngine(bench.model, bench.tokenizer, bench.device, options, batch_sources=bench.batch_runs)
     for target in plan.targets:
         path = plan.part_path(method, target)
         record = part_record(engine, plan, target, sources)
@@ -102,20 +103,27 @@ def pair_scores(bench, plan: StudyPlan, method, target, sources, names) -> dict:
     others = {s: path for s, path in sources.items() if s != target}
     data = load_target(plan.target_task_dir, target, tokenizer, plan.text, ("train", "dev"))
     root = plan.pairs_dir(method)
+    pending = []
     for source, path in others.items():
         job = PairJob(target, source, path, root / target / source, plan.target_task_dir, settings, plan.text, plan.model,
                       overwrite=plan.overwrite)
         if claim_pair(model, tokenizer, job) is not None:
             log.info("%s: already done, skipping", job.pair_dir / "result.json")
             continue
-        r = tune_pair(model, tokenizer, data, job, device)
-        log.info("%s <- %s: dev %.4f after the short tuning (best at %d)", target, source, r["dev_score"], r["best_step"])
+        pending.append(job)
+    for group in groups_of(pending, bench.batch_runs):  # the target's pairs in lockstep, batch_runs at a time
+        for job, r in zip(group, tune_pairs(model, tokenizer, [data] * len(group), group, device)):
+            log.info("%s <- %s: dev %.4f after the short tuning (best at %d)", target, job.source, r["dev_score"],
+                     r["best_step"])
     out = {}
     if "Euclidean" in names:
         out["Euclidean"] = euclidean_scores(others, root, [target], "best", expect_method=method)[target]
     if "Performance" in names:
-        zero = {source: zero_shot_score(model, tokenizer, data, path, settings, device, desc=f"{source} on {target}")
-                for source, path in others.items()}
+        zero = {}
+        for group in groups_of(list(others), bench.batch_runs):
+            desc = f"{group[0]} on {target}" if len(group) == 1 else f"{len(group)} sources on {target}"
+            zero.update(zip(group, zero_shot_scores(model, tokenizer, data, [others[s] for s in group], settings, device,
+                                                    desc=desc)))
         tuned = read_tuned_scores(root, [target], list(others), "best")
         out["Performance"] = performance_scores(tuned, {target: zero}, [target], list(others))[target]
     return out
