@@ -46,6 +46,31 @@ METHODS = ("lora", "peft_lora", "adapter", "prefix")
 
 # --------------------------------------------------------------------------- environment
 
+def sync(device):
+    """Wait for the device's queued work (a GPU runs asynchronously; a timer must not stop before it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def add_device_options(ap, tiny_help: str):
+    """The GPU benchmarks' shared options: --device, --tiny (a CPU smoke run) and --precision."""
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+
+
+def open_device(a):
+    """(device, shape, device name) of the GPU benchmarks' options; fp32 matmuls may use TF32 on a GPU, as a
+    GPU user would run them."""
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; use --device cpu --tiny for a smoke run")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"]
+    return device, "tiny" if a.tiny else "base", name
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"

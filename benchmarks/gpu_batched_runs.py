@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DELTAS, SHAPES, build_t5, load_average, machine, median  # noqa: E402
+from common import (DELTAS, SHAPES, add_device_options, build_t5, load_average, machine, median,  # noqa: E402
+                    open_device, sync)
 
 import torch  # noqa: E402
 
@@ -42,11 +43,6 @@ class Tokens:
 
     def batch_decode(self, ids, skip_special_tokens=False):
         return ["x"] * len(ids)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_rows(vocab, n, in_len, out_len, seed):
@@ -153,9 +149,7 @@ def bench_method(method, a, shape, device) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    ap.add_argument("--tiny", action="store_true", help="a tiny T5 shape and short inputs (smoke run of the script)")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    add_device_options(ap, "a tiny T5 shape and short inputs (smoke run of the script)")
     ap.add_argument("--methods", nargs="+", default=["lora", "adapter", "prefix"])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 4, 16, 64], help="runs per lockstep group")
     ap.add_argument("--batch", type=int, default=8, help="rows per run per update (the study's batch size)")
@@ -172,17 +166,11 @@ def main(argv=None):
     if a.tiny:
         a.in_len, a.out_len, a.dev_rows, a.decode_tokens, a.reps = min(a.in_len, 32), min(a.out_len, 8), \
             min(a.dev_rows, 16), min(a.decode_tokens, 4), min(a.reps, 2)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device here; use --device cpu --tiny for a smoke run")
-    shape = "tiny" if a.tiny else "base"
+    device, shape, name = open_device(a)
     info = machine()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
     print(f"# device {name}; torch {info['torch']}; shape {shape} {SHAPES[shape]}; {a.batch} rows x ({a.in_len} + "
           f"{a.out_len}) tokens per run and update, {a.precision} autocast; {a.dev_rows} dev rows per run, "
           f"{a.decode_tokens} tokens decoded; load average {load_average()}", flush=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
     vendor = next((v for key, v in VENDOR_PEAK.items() if key in name), None) if device.type == "cuda" else None

@@ -20,15 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (METHODS, SHAPES, Stepper, build_t5, load_average, machine, median, paired_ratio,  # noqa: E402
-                    random_batch, with_delta)
+from common import (METHODS, SHAPES, Stepper, add_device_options, build_t5, load_average, machine,  # noqa: E402
+                    median, open_device, paired_ratio, random_batch, sync, with_delta)
 
 import torch  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_stepper(method, shape, batch, precision, device) -> Stepper:
@@ -79,9 +74,7 @@ def timed_steps(steps: dict, reps: int, warmup: int, device) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    ap.add_argument("--tiny", action="store_true", help="a tiny T5 shape (smoke run of the script)")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    add_device_options(ap, "a tiny T5 shape (smoke run of the script)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--in_len", type=int, default=256, help="input tokens per row")
     ap.add_argument("--out_len", type=int, default=32, help="target tokens per row")
@@ -93,16 +86,10 @@ def main(argv=None):
     if a.tiny:
         a.batch, a.in_len, a.out_len, a.reps, a.warmup = min(a.batch, 4), min(a.in_len, 32), min(a.out_len, 8), \
             min(a.reps, 4), min(a.warmup, 1)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device here; use --device cpu --tiny for a smoke run")
-    shape = "tiny" if a.tiny else "base"
+    device, shape, name = open_device(a)
     info = machine()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
     print(f"# device {name}; torch {info['torch']}; shape {shape} {SHAPES[shape]}; batch {a.batch}, input "
           f"{a.in_len}, target {a.out_len}, {a.precision} autocast; load average {load_average()}", flush=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs as a GPU user would run them
     batch = random_batch(SHAPES[shape]["vocab_size"], a.batch, a.in_len, a.out_len, device=device)
 
     mem, steps = {}, {}

@@ -229,12 +229,17 @@ def kill_after(monkeypatch, writes):
     monkeypatch.setattr(trainer, "_write_resume", write)
 
 
-def test_a_killed_group_resumes_each_run_from_its_own_files(quiet_backbone, tiny_tasks, tmp_path, monkeypatch):
-    base, tok = load_backbone(quiet_backbone)
-    config = CONFIGS["adapter"]
-    model = dm.attach_delta(copy.deepcopy(base), config)
+def with_init_file(backbone, method, tmp_path):
+    """The backbone, its tokenizer, its copy with a ``method`` delta, the config, and an init delta file."""
+    base, tok = load_backbone(backbone)
+    config = CONFIGS[method]
     init_file = tmp_path / "init.safetensors"
     dm.save_delta(init_file, initial_delta_state(base, config, 7), config)
+    return base, tok, dm.attach_delta(copy.deepcopy(base), config), config, init_file
+
+
+def test_a_killed_group_resumes_each_run_from_its_own_files(quiet_backbone, tiny_tasks, tmp_path, monkeypatch):
+    base, tok, model, config, init_file = with_init_file(quiet_backbone, "adapter", tmp_path)
     whole = train_runs(model, tok, group(tok, tiny_tasks, base, config, tmp_path / "whole", init_file), "cpu")
     # killed after 6 resume writes: the four runs' files at update 4, then two of the four at update 8,
     # so the runs come back at different updates (8, 8, 4, 4) and share the forwards again
@@ -250,11 +255,7 @@ def test_a_killed_group_resumes_each_run_from_its_own_files(quiet_backbone, tiny
 
 
 def test_a_run_started_alone_resumes_in_a_group(quiet_backbone, tiny_tasks, tmp_path, monkeypatch):
-    base, tok = load_backbone(quiet_backbone)
-    config = CONFIGS["prefix"]
-    model = dm.attach_delta(copy.deepcopy(base), config)
-    init_file = tmp_path / "init.safetensors"
-    dm.save_delta(init_file, initial_delta_state(base, config, 7), config)
+    base, tok, model, config, init_file = with_init_file(quiet_backbone, "prefix", tmp_path)
     alone = [train_runs(model, tok, [run], "cpu")[0] for run in group(tok, tiny_tasks, base, config, tmp_path / "a", init_file)]
     runs = group(tok, tiny_tasks, base, config, tmp_path / "b", init_file)
     kill_after(monkeypatch, 2)  # run 1 alone, killed after its validations at 4 and 8
