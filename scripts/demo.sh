@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 OUTPUT_DIR=${OUTPUT_DIR:-runs/demo}  # the study's folder (report.md, report.csv, gain.png)
 METHODS=${METHODS:-lora}  # delta methods (shipped sources exist for adapter, lora and prefix)
-TARGETS=${TARGETS:-planted-babi-qa20 planted-babi-qa18 babi-qa2 babi-qa5}  # planted and real targets
+TARGETS=${TARGETS:-planted-babi-qa20 planted-babi-qa8 babi-qa2 babi-qa5}  # planted and real targets
 SEEDS=${SEEDS:-42 43 44}  # target seeds
 TARGET_ITERS=${TARGET_ITERS:-50}  # updates of each target run on its 64 examples
 SHARDS=${SHARDS:-2}  # processes running the per-target steps at once
