@@ -81,7 +81,8 @@ def answer_lines(p: StudyPlan, tables: dict, weights_of) -> list:
             row = [init]
             for grp in present:
                 r = g[init, "random", grp]
-                row += [interval(r), f"{r.wins}/{r.ties}/{r.losses}"]
+                # "—": no (target, seed) pair, e.g. manual on planted targets, which are in no group
+                row += [interval(r), f"{r.wins}/{r.ties}/{r.losses}" if r.mean is not None else "—"]
                 if "average" in p.init_names:
                     row.append(interval(g[init, "average", grp]) if init != "average" else "—")
             body.append(row)
