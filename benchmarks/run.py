@@ -378,7 +378,7 @@ def bench_flops(cfg):
 # --------------------------------------------------------------------------- lockstep runs
 
 def demo_target_jobs(root: Path, base, config, cfg, tag):
-    """The demo's target step (Makefile DEMO_FLAGS) for one target, babi-qa1: 2 initialisations
+    """The earlier demo's target step (adapter, 100 updates) for one target, babi-qa1: 2 initialisations
     (delta files, as the average and Loss inits are) x 2 seeds = the 4 runs a lockstep group holds.
     quick: 12 updates, budgets 0/4/8, a validation at 12, 64 test rows; full: the demo's 100 updates,
     budgets 0/25/50, a validation at 100, the 500 test rows."""
