@@ -34,6 +34,7 @@ from pewe.study.similarity import step_similarity
 from pewe.study.sources import step_sources
 from pewe.study.targets import step_targets
 from pewe.tuning import select_tasks
+from pewe.weights import effective_sources
 from pewe.errors import UserError
 
 log = logging.getLogger("pewe")
@@ -115,7 +116,7 @@ def report_text(plan: StudyPlan, top=5) -> str:
     for task in plan.targets:
         side = read_json(plan.init_path(method, score, task).with_suffix(".json"), "initial delta's sidecar")
         weights = sorted(side["weights"].items(), key=lambda kv: -kv[1])
-        effective = 1 / sum(w * w for _, w in weights)
+        effective = effective_sources(w for _, w in weights)
         lines += [f"## {task}", "", f"Top sources (of {len(weights)}; effective sources {effective:.2f}): "
                   + ", ".join(f"{s} {w:.3f}" for s, w in weights[:top]), ""]
         rows = []

@@ -68,6 +68,17 @@ def loo_weights(scores: dict, sources, sign: int, temperature: float, targets=No
     return out
 
 
+def effective_sources(weights) -> float:
+    """(sum |w|)^2 / sum w^2: 1 for one source, n for n equal weights, whatever the weights' scale.
+
+    For weights that sum to 1 (softmax, averages) it is 1 / sum w^2; LoraHub's weights need not sum
+    to 1 (or be >= 0), and 1 / sum w^2 of its small weights would read as fewer than one source.
+    """
+    w = np.abs(np.asarray(list(weights), dtype=float))
+    square = float((w * w).sum())
+    return float(w.sum()) ** 2 / square if square > 0 else float("nan")
+
+
 def average_weights(sources, targets=None) -> dict:
     """The "average of all" baseline: each target gets 1/(n-1) on every other source."""
     sources = list(sources)

@@ -405,3 +405,15 @@ def test_file_sign_follows_scores_json(tmp_path):
     # the signs come from the score table, one source of truth
     from pewe.scores import SCORES
     assert all(W.metric_sign(n) == (1 if s.higher_is_more_similar else -1) for n, s in SCORES.items())
+
+
+def test_effective_sources_counts_sources_whatever_the_weights_scale():
+    from pewe.weights import effective_sources
+
+    assert effective_sources([1.0]) == 1.0
+    assert effective_sources([0.25] * 4) == pytest.approx(4.0)
+    # weights summing to 1: 1 / sum w^2 = 1 / (0.25 + 0.09 + 0.04)
+    assert effective_sources([0.5, 0.3, 0.2]) == pytest.approx(1 / (0.25 + 0.09 + 0.04))
+    # LoraHub-style weights (small, signed): the same count as their normalised magnitudes
+    assert effective_sources([0.07, -0.03, 0.02]) == pytest.approx(effective_sources([0.7, 0.3, 0.2]))
+    assert effective_sources([0.05, 0.05]) == pytest.approx(2.0)  # 1 / sum w^2 would say 200

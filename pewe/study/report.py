@@ -31,6 +31,7 @@ from pewe.study.answer import answer_lines, md_table, plot_gain
 from pewe.study.ensemble import read_init_sidecars, read_init_weights, write_init_summary
 from pewe.study.plan import StudyPlan
 from pewe.study.similarity import write_similarity_files
+from pewe.weights import effective_sources
 
 FLAG_SHARE = 0.5  # a test set whose most frequent answer exceeds this share is flagged
 EARLY = "early_stop"  # the budget name of the early-stopped best delta in report.csv
@@ -132,13 +133,13 @@ def init_temperature(p: StudyPlan, init) -> str:
 
 
 def weights_lines(p: StudyPlan, method) -> list:
-    """Per initialisation: temperature, mean effective number of sources (1 / sum w^2), heat map."""
+    """Per initialisation: temperature, mean effective number of sources, heat map."""
     body = []
     for init in p.init_names:
         weights = read_init_weights(p, method, init)
         if not weights:
             continue
-        eff = statistics.fmean(1 / (sum(w * w for w in ws.values()) or math.nan) for ws in weights.values())
+        eff = statistics.fmean(effective_sources(ws.values()) for ws in weights.values())
         temp = init_temperature(p, init)
         heat = p.init_dir(method, init) / "hot_pic_all.png"
         link = "—"
@@ -263,7 +264,7 @@ def step_report(p: StudyPlan) -> Path:
         table = weights_lines(p, method)
         if table:
             lines += ["### Initialisation weights", "",
-                      "Effective sources = 1 / Σ w² averaged over targets (1: one source, n: uniform).", ""]
+                      "Effective sources = (Σ |w|)² / Σ w² averaged over targets (1: one source, n: n equal weights; for weights summing to 1, 1 / Σ w²).", ""]
             lines += table + [""]
         cost = init_cost_lines(p, method)
         if cost:
