@@ -29,8 +29,11 @@ $(BACKBONE): | $(STAMP)
 demo: $(STAMP) $(BACKBONE)
 	PYTHON=$(abspath $(BIN))/python bash scripts/demo.sh
 
+# One worker per core (TEST_WORKERS=0: in this process, no workers); --dist loadfile keeps each test
+# file on one worker, so its module fixtures (tiny studies) are built once.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Not part of `make test`: it needs root and starts Slurm daemons (tests/slurm/run_test.sh says what it does).
 test-slurm: $(STAMP)
