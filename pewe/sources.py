@@ -63,6 +63,8 @@ def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task
     task_dir = Path(task_dir) if task_dir else Path(model_path).resolve().parent / "full"
     index = out_dir / "sources.json"
     old = read_json(index, "sources index") if index.is_file() else {}
+    if old.get("base_model_sha256") != fingerprint:  # an index of another backbone: none of its scores hold here
+        old = {}
     table, bare = old.get("sources", {}), old.get("backbone_test", {})
     todo = [t for t in tasks if t not in bare and any((work_dir / m / "sources" / t).is_dir() for m in methods)]
     if todo:  # the bare backbone's greedy test score: a delta that only matches it has learned nothing
@@ -88,5 +90,5 @@ def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task
                                                     "test_score": run["test_score"], "updates": run["updates"]})
             table.setdefault(method, {})[task] = entry
     atomic_write_text(index, json.dumps({"backbone": repo_relative(model_path), "base_model_sha256": fingerprint,
-                                         "backbone_test": bare, "sources": table}, indent=1))
+                                         "backbone_test": bare, "sources": table}, indent=1, sort_keys=True))
     return table

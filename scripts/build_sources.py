@@ -27,6 +27,7 @@ tasks = list(STUDY_TASKS)  # source tasks (the study's tasks on the embedded bac
 steps = ["train", "ship"]  # train (tune the sources) and / or ship (copy them into out_dir)
 shard = ""  # "i/n": this process trains every n-th task from i (run n processes, then --steps ship)
 work_dir = str(REPO / "runs" / "sources_build")  # the study's output folder for the source runs
+task_dir = str(REPO / "data" / "full")  # the sources' data: CrossFit task folders (full splits)
 out_dir = str(REPO / "data" / "sources")  # where the shipped deltas and sources.json go
 model = str(DEFAULT_MODEL)  # backbone the sources are tuned on
 train_iters = ["lora=3000", "adapter=2000", "prefix=2000"]  # updates per source, per method (docs/BACKBONE.md)
@@ -69,6 +70,7 @@ def _run(a):
     for method in a.methods if "train" in a.steps else ():
         code = run_study.main(["--steps", "sources", "--methods", method, "--tasks", *a.tasks,
                                "--source_shard", a.shard, "--source_dir", "", "--output_dir", a.work_dir,
+                               "--source_task_dir", a.task_dir,
                                "--model", a.model, "--tokenizer_path", a.model,
                                "--source_train_iters", str(budgets[method]), "--valid_interval", str(a.valid_interval),
                                "--early_stop", str(a.early_stop), "--learning_rate", str(a.learning_rate),
@@ -78,7 +80,7 @@ def _run(a):
         if code:
             raise SystemExit(code)
     if "ship" in a.steps:
-        table = ship_sources(Path(a.work_dir), Path(a.out_dir), a.methods, a.tasks, a.model,
+        table = ship_sources(Path(a.work_dir), Path(a.out_dir), a.methods, a.tasks, a.model, task_dir=a.task_dir,
                              max_input_length=a.max_input_length)
         print(markdown_table(table, a.tasks))
         print(f"wrote {Path(a.out_dir) / 'sources.json'} ({sum(len(v) for v in table.values())} sources)")
