@@ -56,8 +56,8 @@ def ship_sources(work_dir: Path, out_dir: Path, methods, tasks, model_path, task
     """Copy every finished source run of the study folder ``work_dir`` into ``out_dir/{method}/{task}/``
     (with its backbone's fingerprint and scores) and write ``out_dir/sources.json``, which also gives
     each task's majority-answer score and the bare backbone's own test score (what a delta has to add
-    to). A shipped file already equal to its run's best delta is left as it is. Returns {method:
-    {task: entry}}."""
+    to). A shipped file already equal to its run's best delta is left as it is; an index written on
+    another backbone is replaced, not merged. Returns {method: {task: entry}}."""
     model, tokenizer = load_backbone(model_path, model_path)
     fingerprint, tok_fingerprint = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
     task_dir = Path(task_dir) if task_dir else Path(model_path).resolve().parent / "full"
