@@ -133,7 +133,9 @@ def plot_gain(path, p: StudyPlan, tables: dict):
         ax.grid(axis="x", linewidth=0.3)
     axes[0].set_yticks(range(len(inits)), labels=inits)
     axes[0].invert_yaxis()
-    axes[-1].legend(fontsize=8, loc="lower right")
+    # Below the panels, not inside: inside, it covered the ends of the longest intervals.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(p.methods), fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
